@@ -1,0 +1,72 @@
+"""Budgets (SPEC §2): the total bits C that every example's allocation must hit exactly.
+
+C = round((a + d_v) · N), ``a`` the budget level (A, B, C), ``d_v`` the version's offset and N the
+number of quantizable layers; ``round`` is Python's (half to even). A cell is feasible when some
+choice of one option per layer sums to C, which for a contiguous option range is
+N·min ≤ C ≤ N·max.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+
+
+def options(low: int, high: int) -> list[int]:
+    """The bit-width options of a version ``[low, high]``, inclusive."""
+    return list(range(int(low), int(high) + 1))
+
+
+def capacity(num_layers: int, level: float, offset: float) -> int:
+    return int(round((level + offset) * num_layers))
+
+
+@functools.cache
+def _reachable(num_layers: int, opts: tuple[int, ...]) -> frozenset[int]:
+    totals = {0}
+    for _ in range(num_layers):
+        totals = {t + o for t in totals for o in opts}
+    return frozenset(totals)
+
+
+def check_feasible(num_layers: int, opts: Sequence[int], cap: int, where: str = "") -> None:
+    """Raise ``ValueError`` naming N, the options and C when no allocation sums to C."""
+    if cap not in _reachable(int(num_layers), tuple(sorted(set(int(o) for o in opts)))):
+        raise ValueError(
+            f"{where + ': ' if where else ''}no allocation of N={num_layers} layers with options "
+            f"{list(opts)} sums to capacity {cap} (reachable: {num_layers * min(opts)}.."
+            f"{num_layers * max(opts)})")
+
+
+def cell(cfg: Mapping, arch: str, version: str, budget: str, num_layers: int | None = None) -> tuple[list[int], int]:
+    """Options and capacity of one (arch, version, budget) cell, checked for feasibility."""
+    from .models import num_quantizable_layers
+
+    pairs = cfg["pairs"]
+    n = num_layers if num_layers is not None else num_quantizable_layers(arch)
+    opts = options(*pairs["versions"][version])
+    cap = capacity(n, pairs["budgets"][budget], pairs["budget_offset"][version])
+    check_feasible(n, opts, cap, where=f"arch {arch}, version {version}, budget {budget}")
+    return opts, cap
+
+
+def table(cfg: Mapping) -> list[dict]:
+    """Every cell of the config: arch, version, budget, N, options, capacity."""
+    from .models import num_quantizable_layers
+
+    rows = []
+    for arch in cfg["kd"]["archs"]:
+        n = num_quantizable_layers(arch)
+        for version in cfg["pairs"]["versions"]:
+            for budget in cfg["pairs"]["budgets"]:
+                opts, cap = cell(cfg, arch, version, budget, n)
+                rows.append(dict(arch=arch, version=version, budget=budget, num_layers=n, options=opts, capacity=cap))
+    return rows
+
+
+def problems(cfg: Mapping):
+    """Config messages for every infeasible cell (used by the config check)."""
+    try:
+        table(cfg)
+    except ValueError as err:
+        yield (f"pairs.budgets / pairs.versions / pairs.budget_offset: {err}; choose a budget level a "
+               f"with min <= a + offset <= max for every version")

@@ -1,0 +1,147 @@
+"""Configuration: load ``config.yaml`` plus overlays, validate against the schema and the
+cross-field rules that a schema cannot say (SPEC §6).
+
+Every error is a :class:`ConfigError` whose one-line message names the key path, the bad value
+and what is allowed, so that ``snakemake -n`` and ``dvc repro`` refuse a bad config before any
+job runs.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import functools
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+SCHEMA_NAME = "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration value that the pipeline refuses; the message says how to fix it."""
+
+
+@functools.cache
+def schema() -> dict:
+    return yaml.safe_load(resources.files("dptq").joinpath(SCHEMA_NAME).read_text())
+
+
+def merge(base: Mapping, overlay: Mapping) -> dict:
+    """Deep merge: mappings merge key by key, everything else in ``overlay`` replaces ``base``."""
+    out = copy.deepcopy(dict(base))
+    for key, value in overlay.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return dict(data)
+
+
+def load(paths: Sequence[str | Path], overrides: Mapping | None = None) -> dict:
+    """Read ``paths`` in order (later files overlay earlier ones), apply ``overrides``, check."""
+    cfg: dict = {}
+    for path in paths:
+        cfg = merge(cfg, read_yaml(path))
+    if overrides:
+        cfg = merge(cfg, overrides)
+    return check(cfg, source=" + ".join(str(p) for p in paths) or "config")
+
+
+def _key(path: Sequence) -> str:
+    return ".".join(str(p) for p in path) or "<top level>"
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    """One readable sentence for a schema violation: key path, bad value, what is allowed."""
+    where, value, sub = _key(error.absolute_path), error.instance, error.schema
+    if error.validator == "additionalProperties" and isinstance(value, Mapping):
+        allowed = sorted(sub.get("properties", {}))
+        unknown = sorted(set(value) - set(allowed))
+        if allowed:
+            hints = [f"'{k}' (did you mean '{m[0]}'?)" if (m := difflib.get_close_matches(k, allowed, 1)) else f"'{k}'" for k in unknown]
+            return f"{where}: unknown key {', '.join(hints)}; allowed keys: {', '.join(allowed)}"
+    if error.validator == "required":
+        return f"{where}: {error.message}; every key of config.yaml must be present after the overlay"
+    if error.validator == "enum":
+        return f"{where}: {value!r} is not allowed; allowed values: {', '.join(map(repr, error.validator_value))}"
+    if error.validator == "type":
+        return f"{where}: {value!r} has the wrong type; expected {error.validator_value}"
+    if error.validator in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        bounds = {k: sub[k] for k in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum") if k in sub}
+        return f"{where}: {value!r} is out of range; allowed: {bounds}"
+    if error.validator == "oneOf":
+        return f"{where}: {value!r} has the wrong form; allowed: one of {[s.get('type', s) for s in error.validator_value]}"
+    return f"{where}: {value!r}: {error.message}"
+
+
+def check(cfg: Mapping, source: str = "config") -> dict:
+    """Validate ``cfg`` (schema, then cross-field rules); return it as a plain dict."""
+    cfg = dict(cfg)
+    validator = jsonschema.Draft202012Validator(schema())
+    errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    if errors:
+        raise ConfigError(f"{source}: {_describe(errors[0])}")
+    for message in _cross_field_problems(cfg):
+        raise ConfigError(f"{source}: {message}")
+    return cfg
+
+
+def _cross_field_problems(cfg: Mapping):
+    """Rules that span several keys; yields one message per problem, in key order."""
+    from . import budgets, models  # deferred: the schema check must not need torch
+
+    pairs = cfg["pairs"]
+    for version, (low, high) in pairs["versions"].items():
+        if low > high:
+            yield f"pairs.versions.{version}: [{low}, {high}] has its low end above its high end; write [low, high] with low <= high"
+    missing = sorted(set(pairs["versions"]) - set(pairs["budget_offset"]))
+    if missing:
+        yield f"pairs.budget_offset: no offset for version(s) {missing}; add one per key of pairs.versions"
+    extra = sorted(set(pairs["budget_offset"]) - set(pairs["versions"]))
+    if extra:
+        yield f"pairs.budget_offset: version(s) {extra} are not in pairs.versions ({sorted(pairs['versions'])})"
+    for section in ("teacher", "kd", "pairs"):
+        if cfg[section]["min_lr"] > cfg[section]["lr"]:
+            yield f"{section}.min_lr: {cfg[section]['min_lr']} is above {section}.lr ({cfg[section]['lr']}); the cosine schedule decays from lr down to min_lr"
+    archs = list(cfg["kd"]["archs"])
+    bad_archs = False
+    for key, arch in [("teacher.arch", cfg["teacher"]["arch"]), *(("kd.archs", a) for a in archs)]:
+        if not models.exists(arch):
+            bad_archs = True
+            close = difflib.get_close_matches(arch, models.known_names(), 3)
+            yield f"{key}: {arch!r} is not a timm model" + (f"; did you mean {close}?" if close else "; see timm.list_models()")
+    if isinstance(cfg["kd"]["batch_size"], Mapping):
+        sizes = set(cfg["kd"]["batch_size"])
+        if sizes != set(archs):
+            yield f"kd.batch_size: the map names {sorted(sizes)} but kd.archs is {archs}; give one batch size per arch, or one int for all"
+    unknown = sorted(set(cfg["analysis"]["histogram"]["archs"]) - set(archs))
+    if unknown:
+        yield f"analysis.histogram.archs: {unknown} are not in kd.archs ({archs})"
+    if cfg["analysis"]["histogram"]["bin_width"] > cfg["analysis"]["histogram"]["range"]:
+        yield "analysis.histogram.bin_width: larger than analysis.histogram.range; use a bin width below the range"
+    if not bad_archs:  # the budget check builds each arch to count its layers
+        yield from budgets.problems(cfg)
+
+
+def kd_batch_size(cfg: Mapping, arch: str) -> int:
+    """``kd.batch_size`` is an int or a map arch -> int (the paper uses 64 for MobileNetV4)."""
+    size = cfg["kd"]["batch_size"]
+    return int(size[arch]) if isinstance(size, Mapping) else int(size)

@@ -1,0 +1,35 @@
+"""Losses (SPEC §2): distillation KL and the robust/detrimental hinge on the quantized student."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+MODES = ("robust", "detrimental")
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """KL(softmax(t/T) ‖ softmax(s/T)) · T², averaged over the batch; no label term."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student_logits.float() / t, dim=1), F.log_softmax(teacher_logits.float() / t, dim=1),
+                    reduction="batchmean", log_target=True) * t * t
+
+
+def hinge_loss(q_logits: Tensor, teacher_logits: Tensor, margin: float, mode: str) -> Tensor:
+    """Margin hinge on p = softmax(quantized student logits), t = the teacher's top class.
+
+    robust:      mean(max(0, m - (p[t] - p[j]))), j = the teacher's second class;
+    detrimental: mean(max(0, m - (p[k] - p[t]))), k = the student's top class other than t.
+    """
+    p = F.softmax(q_logits.float(), dim=1)
+    top2 = teacher_logits.topk(2, dim=1).indices
+    t = top2[:, 0:1]
+    p_t = p.gather(1, t).squeeze(1)
+    if mode == "robust":
+        gap = p_t - p.gather(1, top2[:, 1:2]).squeeze(1)
+    elif mode == "detrimental":
+        k = p.detach().scatter(1, t, float("-inf")).argmax(dim=1, keepdim=True)
+        gap = p.gather(1, k).squeeze(1) - p_t
+    else:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return torch.clamp(margin - gap, min=0).mean()

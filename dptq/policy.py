@@ -1,0 +1,61 @@
+"""Bit-width policies (SPEC §2): the small CNN that reads an image and scores every
+(layer, option) pair, the seeded random policy, and the allocation through the MCKP."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import mckp
+
+
+class BitPolicy(nn.Module):
+    """Image → ``[B, N, K]`` logits: four stride-2 conv blocks, global average pool, linear.
+
+    The image is resized to ``input_size`` first, so the policy's cost does not grow with the
+    classifier's resolution.
+    """
+
+    def __init__(self, num_layers: int, num_options: int, input_size: int = 64, width: int = 32):
+        super().__init__()
+        self.num_layers, self.num_options, self.input_size = num_layers, num_options, input_size
+        chans = [3, width, 2 * width, 4 * width, 4 * width]
+        blocks = []
+        for c_in, c_out in zip(chans[:-1], chans[1:]):
+            blocks += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+        self.features = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(chans[-1], num_layers * num_options)
+
+    def forward(self, images: Tensor) -> Tensor:
+        if images.shape[-1] != self.input_size or images.shape[-2] != self.input_size:
+            images = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False, antialias=False)
+        return self.head(self.features(images)).view(-1, self.num_layers, self.num_options)
+
+
+class RandomPolicy:
+    """i.i.d. uniform profits per example from a seeded generator; the MCKP makes them meet the budget."""
+
+    def __init__(self, num_layers: int, num_options: int, seed: int = 0):
+        self.num_layers, self.num_options = num_layers, num_options
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, images: Tensor) -> Tensor:
+        draws = torch.rand(images.shape[0], self.num_layers, self.num_options, generator=self.generator)
+        return draws.to(images.device)
+
+
+def profits_of(logits: Tensor, rule: str = "logits") -> Tensor:
+    """Knapsack profits: the logits themselves or their row-wise softmax (``pairs.policy.profits``)."""
+    if rule == "logits":
+        return logits
+    if rule == "softmax":
+        return logits.softmax(dim=-1)
+    raise ValueError(f"pairs.policy.profits: unknown rule {rule!r}; use 'logits' or 'softmax'")
+
+
+def allocate(policy, images: Tensor, options: Sequence[int], capacity: int, rule: str = "logits") -> Tensor:
+    """Bit-widths ``[B, N]`` for ``images``: policy → profits → exact MCKP → M · options."""
+    allocation = mckp.solve(profits_of(policy(images).float(), rule), options, capacity)
+    return mckp.bits_of(allocation, options)

@@ -1,0 +1,141 @@
+"""Fake quantization (SPEC §2): 16-bit symmetric weights, dynamic per-example activations.
+
+A network runs quantized through :class:`DynamicQuant`, which hooks the inputs of its
+quantizable layers and swaps in fake-quantized weights for one call with
+``torch.func.functional_call``: no copy of the model per setting, no per-architecture code and
+no loop over examples.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+QUANTIZED_TYPES = (nn.Conv2d, nn.Linear)
+SCALE_FLOOR = 1e-8  # keeps an all-zero (dead ReLU) example finite: s >= floor, zero maps to zero
+
+
+def quantizable_layers(model: nn.Module, image_size: int = 64, device: str | torch.device | None = None) -> list[nn.Module]:
+    """Every Conv2d/Linear of ``model`` in first-execution order, the first one excluded.
+
+    Found by forward hooks on one dry run in eval mode (the first layer sees the raw image, so
+    its input is not quantized).
+    """
+    order: list[nn.Module] = []
+    seen: set[int] = set()
+
+    def record(module, _args):
+        if id(module) not in seen:
+            seen.add(id(module))
+            order.append(module)
+
+    handles = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, QUANTIZED_TYPES)]
+    if device is None:
+        device = next(model.parameters()).device
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, image_size, image_size, device=device))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return order[1:]
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """round(x) forward, identity backward."""
+    return x + (x.round() - x).detach()
+
+
+def fake_quant_weight(w: Tensor, bits: int = 16) -> Tensor:
+    """Symmetric per-tensor fake quant: s = max|w| / (2^(b-1) - 1), ŵ = s · clamp(round(w/s), -q, q)."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = (w.detach().abs().amax() / qmax).clamp_min(SCALE_FLOOR)
+    return scale * torch.clamp(round_ste(w / scale), -qmax, qmax)
+
+
+def activation_range(x: Tensor, scale_rule: str = "minmax", percentile: float = 99.9) -> tuple[Tensor, Tensor]:
+    """Per-example range [lo, hi] with lo <= 0 <= hi, so that zero is representable.
+
+    ``minmax``: lo = min(x), hi = max(x). ``percentile``: the p-th and (100-p)-th quantiles of each
+    example (values outside are clamped by the quantizer), the remedy of the paper's Sect. 4.2.
+    """
+    flat = x.detach().flatten(1)
+    if scale_rule == "minmax":
+        lo, hi = flat.amin(1), flat.amax(1)
+    elif scale_rule == "percentile":
+        m = flat.shape[1]
+        k_hi = min(m, max(1, int(round(percentile / 100 * m))))
+        k_lo = max(1, min(m, m - k_hi + 1))
+        hi = flat.kthvalue(k_hi, dim=1).values
+        lo = flat.kthvalue(k_lo, dim=1).values
+    else:
+        raise ValueError(f"quant.activation_scale: unknown scale rule {scale_rule!r}; use 'minmax' or 'percentile'")
+    return lo.clamp(max=0), hi.clamp(min=0)
+
+
+def fake_quant_activation(x: Tensor, bits: Tensor, scale_rule: str = "minmax", percentile: float = 99.9) -> Tensor:
+    """Dynamic asymmetric fake quant with each example's own range and integer zero point.
+
+    For example i with b = bits[i] and L = 2^b - 1:
+        s = (hi - lo) / L,  z = round(-lo / s),  q = clamp(round(x / s + z), 0, L),  x̂ = s (q - z),
+    computed as ``torch.fake_quantize_per_tensor_affine`` does (x · (1/s) + z, rounded half to
+    even). Rounding is straight-through in x and LSQ-style in s, so inside the range
+    d x̂ / d s = round(x/s) - x/s and the gradient reaches ``bits`` through s(b).
+    """
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    lo, hi = activation_range(x, scale_rule, percentile)
+    levels = torch.exp2(bits.to(torch.float32)) - 1
+    scale = ((hi - lo).float() / levels).clamp_min(SCALE_FLOOR)
+    zero_point = torch.round(-lo.float() / scale).clamp(min=0).detach()
+    levels, scale, zero_point = (t.reshape(shape) for t in (levels, scale, zero_point))
+    inv_scale = 1.0 / scale
+    q = torch.minimum(torch.clamp(round_ste(x.float() * inv_scale + zero_point), min=0), levels.detach())
+    return ((q - zero_point) * scale).to(x.dtype)
+
+
+class DynamicQuant:
+    """Runs ``model`` with quantized weights and per-example, per-layer activation bits.
+
+    ``quant(x, bits, mask)``: ``bits`` is ``[B, N]`` (layer ``l`` of example ``i`` gets
+    ``bits[i, l]``), ``mask`` an optional sequence of N booleans choosing which layers'
+    inputs are quantized (all by default). ``quant.model(x)`` stays the full-precision network.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[nn.Module] | None = None, weight_bits: int = 16,
+                 scale_rule: str = "minmax", percentile: float = 99.9, image_size: int = 64):
+        self.model = model
+        self.layers = list(layers) if layers is not None else quantizable_layers(model, image_size)
+        self.weight_bits, self.scale_rule, self.percentile = weight_bits, scale_rule, percentile
+        self.weight_names = [f"{name}.weight" for name, m in model.named_modules() if isinstance(m, QUANTIZED_TYPES)]
+        self._bits: Tensor | None = None
+        self._mask: list[bool] = []
+        for index, layer in enumerate(self.layers):
+            layer.register_forward_pre_hook(self._hook(index))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def _hook(self, index: int):
+        def quantize_input(_module, args):
+            if self._bits is None or not self._mask[index]:
+                return None
+            return (fake_quant_activation(args[0], self._bits[:, index], self.scale_rule, self.percentile), *args[1:])
+        return quantize_input
+
+    def __call__(self, x: Tensor, bits: Tensor, mask: Sequence[bool] | None = None) -> Tensor:
+        if bits.shape != (x.shape[0], self.num_layers):
+            raise ValueError(f"bits must have shape [B={x.shape[0]}, N={self.num_layers}], got {tuple(bits.shape)}")
+        params = dict(self.model.named_parameters())
+        weights = {name: fake_quant_weight(params[name], self.weight_bits) for name in self.weight_names}
+        self._bits = bits
+        self._mask = [True] * self.num_layers if mask is None else [bool(m) for m in mask]
+        try:
+            return functional_call(self.model, weights, (x,), strict=False)
+        finally:
+            self._bits = None
