@@ -8,10 +8,15 @@ from torch import Tensor
 MODES = ("robust", "detrimental")
 
 
+def _at_least_float32(x: Tensor) -> Tensor:
+    """bf16 logits (autocast) are promoted; float64 stays float64 (for the reference tests)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """KL(softmax(t/T) ‖ softmax(s/T)) · T², averaged over the batch; no label term."""
     t = temperature
-    return F.kl_div(F.log_softmax(student_logits.float() / t, dim=1), F.log_softmax(teacher_logits.float() / t, dim=1),
+    return F.kl_div(F.log_softmax(_at_least_float32(student_logits) / t, dim=1), F.log_softmax(_at_least_float32(teacher_logits) / t, dim=1),
                     reduction="batchmean", log_target=True) * t * t
 
 
@@ -21,7 +26,7 @@ def hinge_loss(q_logits: Tensor, teacher_logits: Tensor, margin: float, mode: st
     robust:      mean(max(0, m - (p[t] - p[j]))), j = the teacher's second class;
     detrimental: mean(max(0, m - (p[k] - p[t]))), k = the student's top class other than t.
     """
-    p = F.softmax(q_logits.float(), dim=1)
+    p = F.softmax(_at_least_float32(q_logits), dim=1)
     top2 = teacher_logits.topk(2, dim=1).indices
     t = top2[:, 0:1]
     p_t = p.gather(1, t).squeeze(1)

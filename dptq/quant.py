@@ -46,16 +46,12 @@ def quantizable_layers(model: nn.Module, image_size: int = 64, device: str | tor
     return order[1:]
 
 
-def round_ste(x: Tensor) -> Tensor:
-    """round(x) forward, identity backward."""
-    return x + (x.round() - x).detach()
-
-
 def fake_quant_weight(w: Tensor, bits: int = 16) -> Tensor:
     """Symmetric per-tensor fake quant: s = max|w| / (2^(b-1) - 1), ŵ = s · clamp(round(w/s), -q, q)."""
     qmax = 2 ** (bits - 1) - 1
     scale = (w.detach().abs().amax() / qmax).clamp_min(SCALE_FLOOR)
-    return scale * torch.clamp(round_ste(w / scale), -qmax, qmax)
+    v = w / scale  # |v| <= qmax by construction, so the clamp only guards float noise
+    return scale * (v + (v.detach().round().clamp(-qmax, qmax) - v).detach())
 
 
 def activation_range(x: Tensor, scale_rule: str = "minmax", percentile: float = 99.9) -> tuple[Tensor, Tensor]:
@@ -84,17 +80,22 @@ def fake_quant_activation(x: Tensor, bits: Tensor, scale_rule: str = "minmax", p
     For example i with b = bits[i] and L = 2^b - 1:
         s = (hi - lo) / L,  z = round(-lo / s),  q = clamp(round(x / s + z), 0, L),  x̂ = s (q - z),
     computed as ``torch.fake_quantize_per_tensor_affine`` does (x · (1/s) + z, rounded half to
-    even). Rounding is straight-through in x and LSQ-style in s, so inside the range
-    d x̂ / d s = round(x/s) - x/s and the gradient reaches ``bits`` through s(b).
+    even). Rounding is straight-through in x and LSQ-style in s: inside the range
+    d x̂ / d s = round(x/s) - x/s, outside it q - z, so the gradient reaches ``bits`` through s(b).
     """
     shape = (-1,) + (1,) * (x.dim() - 1)
+    dtype = torch.promote_types(x.dtype, torch.float32)  # bf16 activations quantize in float32
     lo, hi = activation_range(x, scale_rule, percentile)
-    levels = torch.exp2(bits.to(torch.float32)) - 1
-    scale = ((hi - lo).float() / levels).clamp_min(SCALE_FLOOR)
-    zero_point = torch.round(-lo.float() / scale).clamp(min=0).detach()
+    levels = torch.exp2(bits.to(dtype)) - 1
+    scale = ((hi - lo).to(dtype) / levels).clamp_min(SCALE_FLOOR)
+    zero_point = torch.round(-lo.to(dtype) / scale).detach()
     levels, scale, zero_point = (t.reshape(shape) for t in (levels, scale, zero_point))
-    inv_scale = 1.0 / scale
-    q = torch.minimum(torch.clamp(round_ste(x.float() * inv_scale + zero_point), min=0), levels.detach())
+    v = x.to(dtype) * (1.0 / scale) + zero_point
+    r = v.detach().round()
+    # Inside the range (judged on the rounded value, so that min and max, which land exactly on
+    # the ends, count as inside) rounding is straight-through; outside q is the constant end.
+    inside = (r >= 0) & (r <= levels.detach())
+    q = torch.where(inside, v + (r - v).detach(), torch.minimum(r.clamp(min=0), levels.detach()))
     return ((q - zero_point) * scale).to(x.dtype)
 
 

@@ -1,0 +1,187 @@
+"""dptq.quant against torch's own fake quantizer, float64 hand formulas and the layer counts of SPEC §2."""
+import timm
+import torch
+import pytest
+from torch import nn
+
+from dptq import quant
+
+torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("arch,expected", [("resnet18", 20), ("mobilenetv4_conv_medium", 77), ("regnetx_016", 59)])
+def test_layer_counts_of_the_paper_networks(arch, expected):
+    model = timm.create_model(arch, num_classes=10)
+    layers = quant.quantizable_layers(model, image_size=32)
+    assert len(layers) == expected
+    assert all(isinstance(m, (nn.Conv2d, nn.Linear)) for m in layers)
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert first not in layers  # the stem sees the raw image
+    assert layers[-1] is model.get_classifier()
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_b0", "convnext_atto"])
+def test_any_timm_cnn_runs_quantized(arch):
+    model = timm.create_model(arch, num_classes=5).eval()
+    q = quant.DynamicQuant(model, image_size=32)
+    assert q.num_layers > 10
+    x = torch.randn(2, 3, 32, 32)
+    out = q(x, torch.full((2, q.num_layers), 8.0))
+    assert out.shape == (2, 5) and torch.isfinite(out).all()
+
+
+def test_layer_order_is_execution_order():
+    class Backwards(nn.Module):  # defined in one order, run in the other
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(4, 2)
+            self.body = nn.Conv2d(4, 4, 1)
+            self.stem = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            return self.head(self.body(self.stem(x)).mean((2, 3)))
+
+    model = Backwards()
+    assert quant.quantizable_layers(model, image_size=4) == [model.body, model.head]
+
+
+def test_weight_quant_matches_hand_formula():
+    w = torch.randn(8, 3, 3, 3, dtype=torch.float64)
+    for bits in (4, 8, 16):
+        qmax = 2 ** (bits - 1) - 1
+        scale = w.abs().max() / qmax
+        expected = scale * torch.clamp(torch.round(w / scale), -qmax, qmax)
+        assert torch.allclose(quant.fake_quant_weight(w, bits), expected, atol=1e-12, rtol=0)
+    w.requires_grad_(True)
+    quant.fake_quant_weight(w, 4).sum().backward()
+    assert torch.allclose(w.grad, torch.ones_like(w))  # straight-through
+
+
+def activation_batch():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 4, 6, 6, generator=gen) * torch.tensor([0.1, 1, 3, 10, 1, 1, 1]).view(-1, 1, 1, 1)
+    x[4] = x[4].relu()  # non-negative (post-ReLU), zero point 0
+    x[5] = 0.0  # dead layer
+    x[6] = 0.7  # constant
+    return x
+
+
+def test_activation_matches_torch_fake_quantize_per_example():
+    x = activation_batch()
+    bits = torch.tensor([3.0, 4, 5, 6, 8, 10, 2])
+    y = quant.fake_quant_activation(x, bits)
+    for i in range(len(x)):
+        lo, hi = min(x[i].min(), 0), max(x[i].max(), 0)
+        levels = 2 ** int(bits[i]) - 1
+        scale = torch.clamp((hi - lo) / levels, min=quant.SCALE_FLOOR)
+        zero_point = int(torch.round(-lo / scale))
+        expected = torch.fake_quantize_per_tensor_affine(x[i], float(scale), zero_point, 0, levels)
+        assert torch.allclose(y[i], expected, atol=2e-6 * float(scale) + 1e-12, rtol=0), i
+
+
+def test_activation_matches_float64_formula():
+    x = activation_batch().double()
+    bits = torch.tensor([3.0, 4, 5, 6, 8, 10, 2], dtype=torch.float64)
+    y = quant.fake_quant_activation(x, bits).double()
+    for i in range(len(x)):
+        lo, hi = min(x[i].min().item(), 0.0), max(x[i].max().item(), 0.0)
+        levels = 2 ** int(bits[i]) - 1
+        s = max((hi - lo) / levels, quant.SCALE_FLOOR)
+        z = round(-lo / s)
+        expected = s * (torch.clamp(torch.round(x[i] / s) + z, 0, levels) - z)
+        assert torch.allclose(y[i], expected, atol=1e-9 * s, rtol=0), i
+
+
+def test_degenerate_examples_are_finite_and_zero_stays_zero():
+    x = torch.zeros(3, 2, 4, 4)
+    x[1] = 2.5
+    x[2] = -1.0
+    x.requires_grad_(True)
+    bits = torch.tensor([4.0, 4.0, 4.0], requires_grad=True)
+    y = quant.fake_quant_activation(x, bits)
+    assert torch.equal(y[0], torch.zeros_like(y[0]))
+    assert torch.allclose(y[1], x[1].detach()) and torch.allclose(y[2], x[2].detach())
+    (y * torch.randn_like(y)).sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(bits.grad).all()
+
+
+def test_gradient_reaches_bits_through_the_scale_lsq_form():
+    """d x̂/d b = (round(x/s) - x/s) · ds/db inside the range, ds/db = -(hi-lo) 2^b ln2 / (2^b-1)^2."""
+    x = torch.tensor([[0.0, 0.33, 0.71, 1.0, -0.4]], dtype=torch.float64)
+    bits = torch.tensor([3.0], dtype=torch.float64, requires_grad=True)
+    quant.fake_quant_activation(x, bits).sum().backward()
+    lo, hi, b = -0.4, 1.0, 3.0
+    s = (hi - lo) / (2 ** b - 1)
+    z = round(-lo / s)
+    ds_db = -(hi - lo) * 2 ** b * torch.log(torch.tensor(2.0, dtype=torch.float64)) / (2 ** b - 1) ** 2
+    v = x / s + z
+    q = torch.clamp(torch.round(v), 0, 2 ** b - 1)
+    dxhat_ds = torch.where((torch.round(v) >= 0) & (torch.round(v) <= 2 ** b - 1), (q - z) - x / s, q - z)
+    assert torch.allclose(bits.grad, (dxhat_ds.sum() * ds_db).reshape(1), atol=1e-6)
+
+
+def test_percentile_scale_clamps_outliers():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 10000, generator=gen, dtype=torch.float64)
+    x[:, 0] = 100.0  # one outlier per example
+    lo, hi = quant.activation_range(x, "percentile", 99.0)
+    ref_hi = torch.quantile(x, 0.99, dim=1, interpolation="nearest")
+    assert torch.allclose(hi, ref_hi, atol=2e-4)
+    assert torch.all(lo == 0)
+    y = quant.fake_quant_activation(x, torch.tensor([8.0, 8.0]), "percentile", 99.0)
+    assert y.max() <= hi.max() + 1e-6  # the outlier is clamped to the range
+    minmax = quant.fake_quant_activation(x, torch.tensor([8.0, 8.0]))
+    inliers = x < 1
+    assert (y - x)[inliers].abs().mean() < (minmax - x)[inliers].abs().mean() / 10
+
+
+def tiny_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3)).eval()
+
+
+def test_dynamic_quant_matches_a_hand_built_quantized_forward():
+    net = tiny_net()
+    q = quant.DynamicQuant(net, weight_bits=8, image_size=8)
+    assert q.layers == [net[2], net[6]]
+    x = torch.randn(5, 3, 8, 8)
+    bits = torch.randint(2, 9, (5, 2)).float()
+    wq = {i: quant.fake_quant_weight(net[i].weight, 8) for i in (0, 2, 6)}
+    h = torch.relu(nn.functional.conv2d(x, wq[0], net[0].bias, padding=1))
+    h = torch.relu(nn.functional.conv2d(quant.fake_quant_activation(h, bits[:, 0]), wq[2], net[2].bias, padding=1))
+    h = h.mean((2, 3))
+    expected = nn.functional.linear(quant.fake_quant_activation(h, bits[:, 1]), wq[6], net[6].bias)
+    assert torch.allclose(q(x, bits), expected, atol=1e-6)
+    # a layer mask quantizes only the chosen inputs; the model itself stays full precision
+    h = torch.relu(nn.functional.conv2d(x, wq[0], net[0].bias, padding=1))
+    h = torch.relu(nn.functional.conv2d(h, wq[2], net[2].bias, padding=1)).mean((2, 3))
+    only_last = nn.functional.linear(quant.fake_quant_activation(h, bits[:, 1]), wq[6], net[6].bias)
+    assert torch.allclose(q(x, bits, mask=[False, True]), only_last, atol=1e-6)
+    assert torch.equal(q.model(x), net(x))
+    assert torch.equal(net[0].weight, tiny_net()[0].weight)  # weights never overwritten
+
+
+def test_examples_are_independent_in_a_batch():
+    net = timm.create_model("resnet18", num_classes=4).eval()
+    q = quant.DynamicQuant(net, image_size=16)
+    x = torch.randn(3, 3, 16, 16)
+    bits = torch.randint(3, 11, (3, q.num_layers)).float()
+    batched = q(x, bits)
+    for i in range(3):
+        assert torch.allclose(batched[i], q(x[i:i + 1], bits[i:i + 1])[0], atol=1e-5)
+
+
+def test_gradients_reach_bits_and_weights():
+    net = tiny_net().train()
+    q = quant.DynamicQuant(net, image_size=8)
+    bits = torch.full((2, 2), 4.0, requires_grad=True)
+    q(torch.randn(2, 3, 8, 8), bits).square().sum().backward()
+    assert bits.grad is not None and bits.grad.abs().sum() > 0
+    assert net[0].weight.grad is not None and net[6].weight.grad.abs().sum() > 0
+
+
+def test_bad_bits_shape_is_refused():
+    q = quant.DynamicQuant(tiny_net(), image_size=8)
+    with pytest.raises(ValueError, match=r"N=2"):
+        q(torch.randn(2, 3, 8, 8), torch.ones(2, 3))
