@@ -49,11 +49,14 @@ def load(path: str | Path, kind: str | None = None, arch: str | None = None, rec
     hint = f"; {recover}" if recover else f"; delete {path} and re-run the job that writes it"
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found{hint}")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is damaged
+        raise CheckpointError(f"{path}: truncated or corrupted checkpoint (not a torch.save archive){hint}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        culprit = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line), "a Python object")
         raise CheckpointError(f"{path}: refused to load: it holds Python objects that could run code when "
-                              f"unpickled ({str(err).splitlines()[0]}); only tensors and plain data are accepted{hint}") from None
+                              f"unpickled ({culprit}); only tensors and plain data are accepted{hint}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: truncated or corrupted checkpoint ({str(err).splitlines()[0]}){hint}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "kind" not in ckpt:

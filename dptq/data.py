@@ -240,8 +240,12 @@ def batch_order(n: int, batch_size: int, shuffle: bool = False, seed: int = 0) -
 
 def loader(dataset: Dataset, batch_size: int, cfg: Mapping, shuffle: bool = False, seed: int = 0,
            batches: Sequence[Sequence[int]] | None = None) -> DataLoader:
-    """A deterministic DataLoader: batches from ``batches`` or :func:`batch_order`."""
+    """A deterministic DataLoader: batches from ``batches`` or :func:`batch_order`.
+
+    Its own generator keeps the loader's worker base seed from drawing on torch's global RNG,
+    which the trainer saves and restores for an exact mid-epoch resume.
+    """
     if batches is None:
         batches = batch_order(len(dataset), batch_size, shuffle, seed)
     return DataLoader(dataset, batch_sampler=batches, num_workers=cfg["dataset"]["num_workers"],
-                      pin_memory=runtime.device(cfg).type == "cuda")
+                      pin_memory=runtime.device(cfg).type == "cuda", generator=torch.Generator().manual_seed(seed))

@@ -1,0 +1,362 @@
+"""Analyses of the paper's Sect. 4.2-4.3 on the highlighted pairs (SPEC §2, Fig. 2-4).
+
+- :func:`layer_scan` (Fig. 2): quantize only some layers (``before`` / ``after`` / ``single``);
+- :func:`histograms` (Fig. 3): input-activation histograms at FP and quantized, with sparsity;
+- :func:`corruptions` (Fig. 4): accuracy under nine corruptions of growing degree;
+- :func:`remedy` (the fix that Sect. 4.2 proposes): percentile scale, flagged layers kept at FP.
+
+Each writes one tidy CSV (one observation per row) under ``results/analysis/{arch}/``. The
+policy's bits are computed once per batch and shared by every setting evaluated on it.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from . import data, evaluate, runtime
+from .corruptions import corrupt
+from .evaluate import Pair
+from .policy import allocate
+from .quant import DynamicQuant
+
+MODES = ("robust", "detrimental")
+SCANS = ("before", "after", "single")
+LAYER_SCAN_COLUMNS = ["arch", "network", "split", "scan", "layer", "relative_depth", "acc"]
+HISTOGRAM_COLUMNS = ["arch", "network", "precision", "layer", "bin_left", "bin_right", "density", "sparsity"]
+CORRUPTION_COLUMNS = ["arch", "network", "precision", "corruption", "degree", "seed", "acc"]
+REMEDY_COLUMNS = ["arch", "network", "policy", "setting", "scale_rule", "keep_flagged", "flagged_layers", "q_acc", "fp_acc"]
+
+
+# --- shared plumbing -----------------------------------------------------------------------------
+
+def highlighted_pairs(cfg: Mapping, arch: str, table1: str | Path, pairs: str | Path, dev: torch.device) -> dict[str, Pair]:
+    """The robust and detrimental pairs of ``arch``'s highlighted cell in ``table1`` (a CSV path)."""
+    table = evaluate.read_table(table1)
+    rows = table[(table["arch"] == arch) & table["highlighted"].astype(bool)]
+    cells = set(zip(rows["version"], rows["budget"]))
+    if len(cells) != 1 or set(rows["mode"]) != set(MODES):
+        raise ValueError(f"{table1}: expected one highlighted cell with a robust and a detrimental row for {arch}, "
+                         f"found {len(rows)} highlighted rows; re-run the evaluate job for {arch}")
+    version, budget = cells.pop()
+    return {mode: evaluate.load_pair(cfg, arch, evaluate.pair_path(pairs, version, budget, mode), dev, version, budget, mode)
+            for mode in MODES}
+
+
+def bits(pair: Pair, x: Tensor, cfg: Mapping) -> Tensor:
+    """The pair's own allocation for the network input ``x``: one batched MCKP call."""
+    return allocate(pair.policy, x, pair.options, pair.capacity, cfg["pairs"]["policy"]["profits"])
+
+
+@torch.no_grad()
+def accuracies(loader, cfg: Mapping, dev: torch.device, run_batch: Callable[[Tensor], Tensor],
+               corrupt_batch: Callable | None = None, desc: str = "") -> Tensor:
+    """Top-1 accuracy in percent of every prediction set that ``run_batch`` makes, over ``loader``.
+
+    ``run_batch(x)`` maps one network-input batch to predicted labels ``[S, B]`` (S settings);
+    ``corrupt_batch(images, index)``, if given, returns the corrupted [0, 1] batch of loader
+    batch ``index`` and the normalisation to use with it.
+    """
+    correct, total = torch.zeros((), dtype=torch.float64), 0
+    for index, (images, target) in enumerate(tqdm(loader, desc=desc, leave=False)):
+        normalize = data.normalize
+        if corrupt_batch is not None:
+            images, normalize = corrupt_batch(images, index)
+        x = evaluate.network_input(images, cfg, dev, normalize)
+        with runtime.autocast(cfg, dev):
+            preds = run_batch(x)
+        correct = correct + (preds.cpu() == target).sum(1)
+        total += len(target)
+    return 100.0 * correct / total
+
+
+def _write(rows: list[dict], columns: Sequence[str], out: str | Path) -> None:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows, columns=list(columns)).to_csv(out, index=False)
+
+
+def _test_loader(cfg: Mapping):
+    return data.loader(data.build(cfg, "test"), cfg["evaluate"]["batch_size"], cfg)
+
+
+# --- Fig. 2: layer scan --------------------------------------------------------------------------
+
+def scan_masks(n: int, kind: str, layer: int) -> list[bool]:
+    """Which of the N layers are quantized in one scan step (``layer`` l is 1-based):
+
+    ``before`` layers 1..l, ``after`` layers l..N, ``single`` layer l only; the rest stay FP.
+    """
+    if not 1 <= layer <= n:
+        raise ValueError(f"layer {layer} is out of range 1..{n}")
+    keep = {"before": lambda i: i <= layer, "after": lambda i: i >= layer, "single": lambda i: i == layer}
+    if kind not in keep:
+        raise ValueError(f"unknown scan {kind!r}; use one of {SCANS}")
+    return [keep[kind](i) for i in range(1, n + 1)]
+
+
+def _scan_batch(pair: Pair, masks: Sequence[Sequence[bool]], cfg: Mapping, x: Tensor) -> Tensor:
+    b = bits(pair, x, cfg)
+    return torch.stack([pair.quant(x, b, mask).argmax(1) for mask in masks])
+
+
+def layer_scan(cfg: Mapping, arch: str, table1: str | Path, pairs: str | Path, out: str | Path) -> None:
+    """Fig. 2: accuracy of the highlighted R and D networks, own policy, with only some layers quantized.
+
+    One row per (network, split, scan, layer); ``relative_depth`` = l / N. The splits are
+    ``analysis.layer_scan.splits`` ("train" without augmentation).
+    """
+    dev = runtime.setup(cfg)
+    loaded = highlighted_pairs(cfg, arch, table1, pairs, dev)
+    rows = []
+    for mode, pair in loaded.items():
+        n = pair.quant.num_layers
+        steps = [(kind, layer) for kind in SCANS for layer in range(1, n + 1)]
+        run = functools.partial(_scan_batch, pair, [scan_masks(n, kind, layer) for kind, layer in steps], cfg)
+        for split in cfg["analysis"]["layer_scan"]["splits"]:
+            loader = data.loader(data.build(cfg, split), cfg["evaluate"]["batch_size"], cfg)
+            acc = accuracies(loader, cfg, dev, run, desc=f"{arch} {mode} layer scan ({split})")
+            rows += [dict(arch=arch, network=mode, split=split, scan=kind, layer=layer, relative_depth=layer / n, acc=a)
+                     for (kind, layer), a in zip(steps, acc.tolist())]
+    _write(rows, LAYER_SCAN_COLUMNS, out)
+
+
+# --- Fig. 3: activation histograms ---------------------------------------------------------------
+
+def num_bins(value_range: float, width: float) -> int:
+    """round(r / w) bins of width r / bins over [0, r]; at least two (one is removed as the zero bin)."""
+    bins = int(round(value_range / width))
+    if bins < 2:
+        raise ValueError(f"analysis.histogram: range {value_range} / bin_width {width} gives {bins} bin(s); "
+                         "need at least 2 (the bin holding 0 is removed)")
+    return bins
+
+
+def bin_counts(values: Tensor, value_range: float, width: float) -> tuple[Tensor, int]:
+    """Counts of ``values`` in the bins of [0, r] (float64, on the values' device) and the number of values.
+
+    Values outside [0, r] fall in no bin but count in the total.
+    """
+    counts = torch.histc(values.detach().float().flatten(), bins=num_bins(value_range, width), min=0.0, max=float(value_range))
+    return counts.double(), values.numel()
+
+
+def finish_histogram(counts: Tensor, total: int, value_range: float) -> tuple[float, Tensor, Tensor]:
+    """(sparsity, edges, density) from bin counts over [0, r].
+
+    sparsity = 100 · counts[0] / total (the share of all values in the bin holding 0, in %);
+    density over the other bins: counts[k] / (Σ_{j≥1} counts[j] · width), so Σ density · width = 1
+    (all zeros when nothing lands there). ``edges`` are the edges of those kept bins, one entry
+    more than ``density``.
+    """
+    counts = counts.detach().double().cpu()
+    edges = torch.linspace(0.0, float(value_range), len(counts) + 1, dtype=torch.float64)
+    rest = counts[1:]
+    mass = rest.sum()
+    density = rest / (mass * (edges[1] - edges[0])) if mass > 0 else torch.zeros_like(rest)
+    sparsity = 100.0 * counts[0].item() / total if total else 0.0
+    return sparsity, edges[1:], density
+
+
+def sparsity_and_hist(values: Tensor, value_range: float, width: float) -> tuple[float, Tensor, Tensor]:
+    """Sparsity (%) and the renormalised histogram of ``values`` without the zero bin (see :func:`finish_histogram`)."""
+    return finish_histogram(*bin_counts(values, value_range, width), value_range)
+
+
+class LayerHistograms:
+    """Accumulates, per quantizable layer, the bin counts of the input the layer actually sees.
+
+    Forward pre-hooks registered after :class:`DynamicQuant`'s own see its output, so in a
+    quantized call they count the fake-quantized input; in a full-precision call the raw one.
+    Counts go to ``counts[self.active]``; nothing else is kept.
+    """
+
+    def __init__(self, quant: DynamicQuant, value_range: float, width: float, names: Sequence[str] = ("fp", "q")):
+        self.value_range, self.width = value_range, width
+        bins, n = num_bins(value_range, width), quant.num_layers
+        device = next(quant.model.parameters()).device
+        self.counts = {name: torch.zeros(n, bins, dtype=torch.float64, device=device) for name in names}
+        self.totals = {name: [0] * n for name in names}
+        self.active = names[0]
+        self.handles = [layer.register_forward_pre_hook(self._hook(i)) for i, layer in enumerate(quant.layers)]
+
+    def _hook(self, index: int):
+        def count(_module, args):
+            counts, total = bin_counts(args[0], self.value_range, self.width)
+            self.counts[self.active][index] += counts
+            self.totals[self.active][index] += total
+        return count
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def rows(self) -> list[dict]:
+        """One row per (precision, layer, bin) without the zero bin; layers 1-based."""
+        rows = []
+        for name, counts in self.counts.items():
+            for layer, (layer_counts, total) in enumerate(zip(counts, self.totals[name]), start=1):
+                sparsity, edges, density = finish_histogram(layer_counts, total, self.value_range)
+                rows += [dict(precision=name, layer=layer, bin_left=a, bin_right=b, density=d, sparsity=sparsity)
+                         for a, b, d in zip(edges[:-1].tolist(), edges[1:].tolist(), density.tolist())]
+        return rows
+
+
+def _histogram_batch(pair: Pair, hist: LayerHistograms, cfg: Mapping, x: Tensor) -> Tensor:
+    hist.active = "fp"
+    fp = pair.quant.model(x).argmax(1)
+    hist.active = "q"
+    return torch.stack([fp, pair.quant(x, bits(pair, x, cfg)).argmax(1)])
+
+
+def histograms(cfg: Mapping, arch: str, table1: str | Path, pairs: str | Path, out: str | Path) -> None:
+    """Fig. 3: per-layer input-activation histograms of the highlighted R and D over the test set.
+
+    ``fp``: the network at full precision; ``q``: the fake-quantized input each layer sees with the
+    pair's own bits. Bins over [0, ``analysis.histogram.range``] of width ``bin_width``; the bin
+    holding 0 is dropped and the rest renormalised; ``sparsity`` is the dropped share in %.
+    """
+    h = cfg["analysis"]["histogram"]
+    dev = runtime.setup(cfg)
+    loaded = highlighted_pairs(cfg, arch, table1, pairs, dev)
+    loader = _test_loader(cfg)
+    rows = []
+    for mode, pair in loaded.items():
+        hist = LayerHistograms(pair.quant, h["range"], h["bin_width"])
+        try:
+            accuracies(loader, cfg, dev, functools.partial(_histogram_batch, pair, hist, cfg), desc=f"{arch} {mode} histograms")
+        finally:
+            hist.remove()
+        rows += [dict(arch=arch, network=mode, **row) for row in hist.rows()]
+    _write(rows, HISTOGRAM_COLUMNS, out)
+
+
+# --- Fig. 4: corruptions -------------------------------------------------------------------------
+
+def batch_seed(base: int, seed: int, index: int) -> int:
+    """An independent 32-bit seed for loader batch ``index`` of run ``seed`` (same at every degree)."""
+    return int(np.random.SeedSequence([base, seed, index]).generate_state(1)[0])
+
+
+def _corrupt_batch(name: str, degree: int, base: int, seed: int, images: Tensor, index: int):
+    return corrupt(images, name, degree, batch_seed(base, seed, index))
+
+
+def _robustness_batch(settings: Sequence[tuple[Pair, str]], cfg: Mapping, x: Tensor) -> Tensor:
+    shared: dict[int, Tensor] = {}  # one allocation per pair and batch, shared by its settings
+    preds = []
+    for pair, precision in settings:
+        if precision == "fp":
+            preds.append(pair.quant.model(x).argmax(1))
+        else:
+            b = shared.setdefault(id(pair), bits(pair, x, cfg))
+            preds.append(pair.quant(x, b).argmax(1))
+    return torch.stack(preds)
+
+
+def corruptions(cfg: Mapping, arch: str, table1: str | Path, pairs: str | Path, out: str | Path) -> None:
+    """Fig. 4: accuracy of the highlighted R and D under each corruption, degree 0 (clean) to
+    ``analysis.corruptions.degrees``, for seeds 0..``seeds`` - 1.
+
+    Precision ``fp``, plus ``q`` (own policy, bits chosen on the corrupted image, as a deployed
+    system would) when ``analysis.corruptions.quantized``. Each batch is corrupted once and
+    shared by every (network, precision); the clean accuracy is measured once and repeated as
+    degree 0 of every corruption and seed.
+    """
+    c = cfg["analysis"]["corruptions"]
+    dev = runtime.setup(cfg)
+    loaded = highlighted_pairs(cfg, arch, table1, pairs, dev)
+    loader = _test_loader(cfg)
+    precisions = ["fp", "q"] if c["quantized"] else ["fp"]
+    keys = [(mode, precision) for mode in loaded for precision in precisions]
+    run = functools.partial(_robustness_batch, [(loaded[mode], precision) for mode, precision in keys], cfg)
+
+    def add(acc: Tensor, name: str, degree: int, seed: int) -> None:
+        rows.extend(dict(arch=arch, network=mode, precision=precision, corruption=name, degree=degree, seed=seed, acc=a)
+                    for (mode, precision), a in zip(keys, acc.tolist()))
+
+    rows: list[dict] = []
+    clean = accuracies(loader, cfg, dev, run, desc=f"{arch} clean")
+    for name in c["names"]:
+        for seed in range(c["seeds"]):
+            add(clean, name, 0, seed)
+            for degree in range(1, c["degrees"] + 1):
+                corrupt_batch = functools.partial(_corrupt_batch, name, degree, cfg["seed"], seed)
+                add(accuracies(loader, cfg, dev, run, corrupt_batch, desc=f"{arch} {name} {degree} seed {seed}"), name, degree, seed)
+    _write(rows, CORRUPTION_COLUMNS, out)
+
+
+# --- the remedy of Sect. 4.2 ---------------------------------------------------------------------
+
+def flagged_layers(scan: pd.DataFrame, arch: str, network: str, fp_acc: float, flag_drop: float) -> list[int]:
+    """1-based layers whose ``single`` scan on the test split loses more than ``flag_drop`` points vs. FP."""
+    rows = scan[(scan["arch"] == arch) & (scan["network"] == network) & (scan["split"] == "test") & (scan["scan"] == "single")]
+    if rows.empty:
+        raise ValueError(f"the layer scan has no 'single' rows on the test split for {arch} {network}; "
+                         "analysis.layer_scan.splits must include 'test' for the remedy")
+    return sorted(int(layer) for layer in rows.loc[fp_acc - rows["acc"] > flag_drop, "layer"])
+
+
+def _fp_batch(nets: Sequence[DynamicQuant], x: Tensor) -> Tensor:
+    return torch.stack([q.model(x).argmax(1) for q in nets])
+
+
+def _remedy_batch(nets: Mapping[str, DynamicQuant], loaded: Mapping[str, Pair], settings: Sequence[dict],
+                  cfg: Mapping, x: Tensor) -> Tensor:
+    allocation = {mode: bits(pair, x, cfg) for mode, pair in loaded.items()}
+    preds = []
+    for s in settings:
+        quant = nets[s["network"]]
+        rule, quant.scale_rule = quant.scale_rule, s["scale_rule"]
+        try:
+            preds.append(quant(x, allocation[s["policy"]], s["mask"]).argmax(1))
+        finally:
+            quant.scale_rule = rule
+    return torch.stack(preds)
+
+
+def remedy(cfg: Mapping, arch: str, table1: str | Path, layer_scan: str | Path, pairs: str | Path,
+           network: str | Path, out: str | Path) -> None:
+    """The fix Sect. 4.2 suggests, on the highlighted pairs and the white box ``network``.
+
+    Networks and policies: R with π_R, D with π_D, and the white box W with π_R and with π_D.
+    Settings: the paper's scale rule (``quant.activation_scale``) and the remedy's
+    (``analysis.remedy.activation_scale``), each also with the flagged layers kept at full
+    precision when ``analysis.remedy.keep_flagged_fp``. A layer is flagged for a policy when
+    quantizing it alone (``single`` scan of that policy's own pair, test split) costs its network
+    more than ``analysis.remedy.flag_drop`` points. ``flagged_layers`` lists the layers kept at
+    full precision in that row (1-based, ``;``-separated, ``none`` if none).
+    """
+    r = cfg["analysis"]["remedy"]
+    dev = runtime.setup(cfg)
+    loaded = highlighted_pairs(cfg, arch, table1, pairs, dev)
+    nets = {"white_box": evaluate.load_white_box(cfg, arch, network, dev), **{m: p.quant for m, p in loaded.items()}}
+    loader = _test_loader(cfg)
+    fp_run = functools.partial(_fp_batch, list(nets.values()))
+    fp_acc = dict(zip(nets, accuracies(loader, cfg, dev, fp_run, desc=f"{arch} remedy (FP)").tolist()))
+    scan = pd.read_csv(layer_scan)
+    flags = {mode: flagged_layers(scan, arch, mode, fp_acc[mode], r["flag_drop"]) for mode in loaded}
+
+    rules = list(dict.fromkeys([cfg["quant"]["activation_scale"], r["activation_scale"]]))
+    keeps = [False, True] if r["keep_flagged_fp"] else [False]
+    combos = [("robust", "robust"), ("detrimental", "detrimental"), ("white_box", "robust"), ("white_box", "detrimental")]
+    settings = []
+    for net, policy in combos:
+        n = nets[net].num_layers
+        for rule in rules:
+            for keep in keeps:
+                kept = flags[policy] if keep else []
+                settings.append(dict(network=net, policy=policy, scale_rule=rule, keep_flagged=keep,
+                                     setting=f"{rule}_keep_flagged" if keep else rule,
+                                     flagged_layers=";".join(map(str, kept)) or "none",
+                                     mask=[layer not in kept for layer in range(1, n + 1)]))
+    q_acc = accuracies(loader, cfg, dev, functools.partial(_remedy_batch, nets, loaded, settings, cfg), desc=f"{arch} remedy")
+    rows = [dict(arch=arch, **{k: v for k, v in s.items() if k != "mask"}, q_acc=a, fp_acc=fp_acc[s["network"]])
+            for s, a in zip(settings, q_acc.tolist())]
+    _write(rows, REMEDY_COLUMNS, out)

@@ -1,0 +1,218 @@
+"""dptq.analysis: scan masks and the histogram/sparsity measure against their definitions, then
+evaluate_arch and every analysis end to end on tiny untrained ResNet18 pairs (16 px, 16 test images)."""
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from torch.utils.data import Subset
+
+from dptq import analysis, budgets, checkpoint, config, data, evaluate, models
+from dptq.policy import BitPolicy
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
+ARCH = "resnet18"
+
+
+# --- scan masks ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [1, 5, 20])
+def test_scan_masks_match_the_definitions(n):
+    for layer in range(1, n + 1):
+        before, after, single = (analysis.scan_masks(n, kind, layer) for kind in analysis.SCANS)
+        assert [i + 1 for i, m in enumerate(before) if m] == list(range(1, layer + 1))
+        assert [i + 1 for i, m in enumerate(after) if m] == list(range(layer, n + 1))
+        assert [i + 1 for i, m in enumerate(single) if m] == [layer]
+        # layer l is in all three; before and after overlap exactly there and cover everything
+        assert [b and a for b, a in zip(before, after)] == single
+        assert all(b or a for b, a in zip(before, after))
+    assert all(analysis.scan_masks(n, "before", n)) and all(analysis.scan_masks(n, "after", 1))
+
+
+@pytest.mark.parametrize("kind,layer", [("before", 0), ("after", 6), ("middle", 2)])
+def test_scan_masks_refuse_bad_arguments(kind, layer):
+    with pytest.raises(ValueError):
+        analysis.scan_masks(5, kind, layer)
+
+
+# --- histogram and sparsity ----------------------------------------------------------------------
+
+def test_sparsity_is_the_share_in_the_zero_bin_and_the_rest_is_a_density():
+    # 1000 values: 600 exact zeros, 100 tiny positives (also in [0, w)), 200 at 0.5, 50 at 1.5,
+    # 50 outside [0, r] (negative or above r): counted in the total, in no bin
+    values = torch.cat([torch.zeros(600), torch.full((100,), 0.005), torch.full((200,), 0.5),
+                        torch.full((50,), 1.5), torch.full((25,), -0.3), torch.full((25,), 7.0)])
+    values = values[torch.randperm(len(values), generator=torch.Generator().manual_seed(0))].view(10, 10, 10)
+    sparsity, edges, density = analysis.sparsity_and_hist(values, 2.0, 0.02)
+    assert sparsity == pytest.approx(70.0)
+    assert len(edges) == len(density) + 1 == 100
+    assert edges[0].item() == pytest.approx(0.02) and edges[-1].item() == pytest.approx(2.0)
+    width = 0.02
+    assert (density * width).sum().item() == pytest.approx(1.0)
+    mass = dict(zip([round(e, 2) for e in edges[:-1].tolist()], (density * width).tolist()))
+    assert mass[0.5] == pytest.approx(0.8) and mass[1.5] == pytest.approx(0.2)
+
+
+def test_histogram_of_all_zeros_is_fully_sparse_and_finite():
+    sparsity, _, density = analysis.sparsity_and_hist(torch.zeros(3, 4), 1.0, 0.1)
+    assert sparsity == 100.0 and torch.equal(density, torch.zeros(9, dtype=density.dtype))
+
+
+def test_histogram_needs_two_bins():
+    with pytest.raises(ValueError, match="bin_width"):
+        analysis.sparsity_and_hist(torch.ones(4), 1.0, 0.8)
+
+
+def test_batch_seeds_are_distinct_and_reproducible():
+    seeds = {analysis.batch_seed(0, s, i) for s in range(3) for i in range(50)}
+    assert len(seeds) == 150 and analysis.batch_seed(0, 1, 2) == analysis.batch_seed(0, 1, 2)
+
+
+# --- end to end on tiny pairs --------------------------------------------------------------------
+
+def tiny_config() -> dict:
+    cfg = config.load([ROOT / "config.yaml"], {
+        "runtime": {"device": "cpu"},
+        "dataset": {"image_size": 16},
+        "evaluate": {"batch_size": 8},
+        "pairs": {"policy": {"input_size": 16, "width": 4}},
+        "analysis": {"corruptions": {"names": ["jpeg", "rotation", "distribution_shift"], "degrees": 2, "seeds": 2},
+                     "remedy": {"flag_drop": 0.0}},
+    })
+    cfg["kd"]["archs"] = [ARCH]
+    cfg["analysis"]["histogram"]["archs"] = [ARCH]
+    cfg["pairs"]["versions"], cfg["pairs"]["budget_offset"] = {"I": [3, 10]}, {"I": 0}
+    cfg["pairs"]["budgets"] = {"B": 5.5, "A": 4.0}  # out of level order: the tie rule sorts by level
+    return config.check(cfg)
+
+
+def write_checkpoints(cfg: dict, root: Path) -> tuple[Path, str]:
+    """A distilled white box and one pair per cell of ``cfg``: untrained, seeded, 10 classes."""
+    n, pc = models.num_quantizable_layers(ARCH), cfg["pairs"]["policy"]
+    torch.manual_seed(0)
+    white = root / "distill.pt"
+    checkpoint.save(dict(kind="distill", arch=ARCH, num_classes=10, model=models.create(ARCH, 10).state_dict()), white)
+    template = str(root / "pair" / "{version}" / "{budget}" / "{mode}.pt")
+    for version in cfg["pairs"]["versions"]:
+        for budget in cfg["pairs"]["budgets"]:
+            options, capacity = budgets.cell(cfg, ARCH, version, budget)
+            for mode in cfg["pairs"]["modes"]:
+                cell = dict(version=version, budget=budget, mode=mode, options=options, capacity=capacity,
+                            num_layers=n, policy_input_size=pc["input_size"], policy_width=pc["width"])
+                policy = BitPolicy(n, len(options), pc["input_size"], pc["width"])
+                checkpoint.save(dict(kind="pair", arch=ARCH, num_classes=10, model=models.create(ARCH, 10).state_dict(),
+                                     policy=policy.state_dict(), cell=cell), evaluate.pair_path(template, version, budget, mode))
+    return white, template
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """evaluate_arch and the four analyses once, on 16 test (and 16 train) images."""
+    root = tmp_path_factory.mktemp("tiny")
+    cfg = tiny_config()
+    build = data.build
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(data, "build", lambda cfg, split, augment=False: Subset(build(cfg, split, augment), range(16)))
+        white, template = write_checkpoints(cfg, root)
+        tables = root / "tables"
+        evaluate.evaluate_arch(cfg, ARCH, white, template, tables)
+        out = root / "analysis"
+        analysis.layer_scan(cfg, ARCH, tables / "table1.csv", template, out / "layer_scan.csv")
+        analysis.histograms(cfg, ARCH, tables / "table1.csv", template, out / "histograms.csv")
+        analysis.corruptions(cfg, ARCH, tables / "table1.csv", template, out / "corruptions.csv")
+        analysis.remedy(cfg, ARCH, tables / "table1.csv", out / "layer_scan.csv", template, white, out / "remedy.csv")
+    read = lambda path: pd.read_csv(path, dtype={"version": str, "budget": str, "options": str})  # noqa: E731
+    return cfg, {p.stem: read(p) for p in [*tables.glob("*.csv"), *out.glob("*.csv")]}
+
+
+def in_percent(series) -> bool:
+    # accuracies over 16 images are multiples of 6.25 %
+    return bool(((series >= 0) & (series <= 100) & ((series / 6.25).round(6) % 1 == 0)).all())
+
+
+def test_evaluate_arch_tables(run):
+    cfg, t = run
+    t1, t2, t3 = t["table1"], t["table2"], t["table3"]
+    assert list(t1.columns) == evaluate.TABLE1_COLUMNS
+    assert len(t1) == 4 and set(t1["options"]) == {"3-10"} and set(t1["capacity"]) == {80, 110}
+    assert in_percent(t1["fp_acc"]) and in_percent(t1["q_acc"]) and in_percent(t1["white_box_acc"])
+    assert (t1["delta"] - (t1["q_acc"] - t1["fp_acc"])).abs().max() < 1e-9
+    hl = t1[t1["highlighted"]]
+    assert len(hl) == 2 and set(hl["mode"]) == {"robust", "detrimental"} and hl["budget"].nunique() == 1
+    assert list(t2.columns) == evaluate.TABLE2_COLUMNS and 0 <= t2["transitory_pct"].item() <= 100
+    assert list(t3.columns) == evaluate.TABLE3_COLUMNS and len(t3) == 9
+    assert set(zip(t3["network"], t3["policy"])) == {(n, p) for n in ("white_box", "robust", "detrimental")
+                                                    for p in ("robust", "detrimental", "random")}
+    # the own-policy entries of Table 3 are Table 1's highlighted rows
+    for mode in ("robust", "detrimental"):
+        row = t3[(t3["network"] == mode) & (t3["policy"] == mode)].iloc[0]
+        assert row["q_acc"] == pytest.approx(hl[hl["mode"] == mode]["q_acc"].item())
+        assert row["fp_acc"] == pytest.approx(hl[hl["mode"] == mode]["fp_acc"].item())
+    assert (t3[t3["network"] == "white_box"]["fp_acc"] == t1["white_box_acc"].iloc[0]).all()
+
+
+def test_layer_scan_csv(run):
+    _, t = run
+    scan = t["layer_scan"]
+    assert list(scan.columns) == analysis.LAYER_SCAN_COLUMNS
+    assert len(scan) == 2 * 2 * 3 * 20  # networks × splits × scans × layers
+    assert set(scan["split"]) == {"train", "test"} and scan["layer"].between(1, 20).all()
+    assert (scan["relative_depth"] - scan["layer"] / 20).abs().max() < 1e-12 and in_percent(scan["acc"])
+    # before at l = N and after at l = 1 both quantize every layer
+    for _, g in scan.groupby(["network", "split"]):
+        full = g[(g["scan"] == "before") & (g["layer"] == 20)]["acc"].item()
+        assert g[(g["scan"] == "after") & (g["layer"] == 1)]["acc"].item() == full
+
+
+def test_histograms_csv(run):
+    cfg, t = run
+    h = t["histograms"]
+    assert list(h.columns) == analysis.HISTOGRAM_COLUMNS
+    bins = round(cfg["analysis"]["histogram"]["range"] / cfg["analysis"]["histogram"]["bin_width"]) - 1
+    assert len(h) == 2 * 2 * 20 * bins and set(h["precision"]) == {"fp", "q"}
+    assert h["sparsity"].between(0, 100).all() and (h["density"] >= 0).all() and (h["bin_left"] >= 0.02 - 1e-9).all()
+    mass = (h["density"] * (h["bin_right"] - h["bin_left"])).groupby([h["network"], h["precision"], h["layer"]]).sum()
+    assert ((mass - 1).abs() < 1e-6).all() or ((mass - 1).abs() < 1e-6).mean() > 0.9  # empty layers have mass 0
+    # quantization (at most 10 bits) collapses small values to 0: sparsity never drops on average
+    sp = h.groupby(["network", "precision", "layer"])["sparsity"].first().unstack("precision")
+    assert (sp["q"] >= sp["fp"] - 1e-9).mean() > 0.5
+
+
+def test_corruptions_csv(run):
+    cfg, t = run
+    c = t["corruptions"]
+    assert list(c.columns) == analysis.CORRUPTION_COLUMNS
+    names, seeds, degrees = 3, 2, 2
+    assert len(c) == 2 * 2 * names * seeds * (degrees + 1)
+    assert set(c["degree"]) == {0, 1, 2} and set(c["seed"]) == {0, 1} and in_percent(c["acc"])
+    clean = c[c["degree"] == 0].groupby(["network", "precision"])["acc"].nunique()
+    assert (clean == 1).all()  # degree 0 is the one clean measurement
+
+
+def test_remedy_csv(run):
+    cfg, t = run
+    r, t1 = t["remedy"], t["table1"]
+    assert list(r.columns) == analysis.REMEDY_COLUMNS
+    assert set(r["setting"]) == {"minmax", "minmax_keep_flagged", "percentile", "percentile_keep_flagged"}
+    assert len(r) == 4 * 4 and in_percent(r["q_acc"]) and in_percent(r["fp_acc"])
+    hl = t1[t1["highlighted"]].set_index("mode")
+    for mode in ("robust", "detrimental"):
+        own = r[(r["network"] == mode) & (r["policy"] == mode)].set_index("setting")
+        # the paper's setting reproduces Table 1; FP is the same in every row
+        assert own.loc["minmax", "q_acc"] == pytest.approx(hl.loc[mode, "q_acc"])
+        assert (own["fp_acc"] == hl.loc[mode, "fp_acc"]).all()
+        assert own.loc["minmax", "flagged_layers"] == "none"
+    kept = r[r["keep_flagged"]]["flagged_layers"]
+    assert kept.map(lambda s: s == "none" or all(1 <= int(v) <= 20 for v in s.split(";"))).all()
+
+
+def test_flagged_layers(run):
+    """Flagged: the single-scan drop on the test split above flag_drop; the test split is required."""
+    cfg, t = run
+    scan = t["layer_scan"].assign(acc=-1000.0)
+    flagged = analysis.flagged_layers(scan, ARCH, "detrimental", fp_acc=50.0, flag_drop=5.0)
+    assert flagged == list(range(1, 21))
+    assert analysis.flagged_layers(t["layer_scan"].assign(acc=50.0), ARCH, "robust", 50.0, 5.0) == []
+    with pytest.raises(ValueError, match="layer_scan.splits"):
+        analysis.flagged_layers(scan[scan["split"] == "train"], ARCH, "robust", 50.0, 5.0)

@@ -1,0 +1,67 @@
+rule figures:
+    input:
+        tables=rules.tables.output,
+        layer_scan=expand(rules.layer_scan.output.csv, arch=ARCHS),
+        histograms=expand(rules.histograms.output.csv, arch=HISTOGRAM_ARCHS),
+        corruptions=expand(rules.corruptions.output.csv, arch=ARCHS),
+    output:
+        figures=report(
+            directory("results/figures"),
+            patterns=["{name}.png"],
+            caption="../report/figures.rst",
+            category="Figures",
+            labels={"figure": "{name}"},
+        ),
+    log:
+        "logs/figures/figures.log",
+    benchmark:
+        "benchmarks/figures/figures.tsv"
+    conda:
+        ENV
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        tables_dir=folder("input.tables"),
+        analysis_dir=folder("input.layer_scan", up=2),
+    script:
+        "../scripts/figures.py"
+
+
+rule report:
+    input:
+        tables=rules.tables.output,
+        figures=rules.figures.output.figures,
+        layer_scan=rules.figures.input.layer_scan,
+        histograms=rules.figures.input.histograms,
+        corruptions=rules.figures.input.corruptions,
+        remedy=expand(rules.remedy.output.csv, arch=ARCHS),
+    output:
+        html="results/report.html",
+        metrics="results/metrics.json",
+    log:
+        "logs/report/report.log",
+    benchmark:
+        "benchmarks/report/report.tsv"
+    conda:
+        ENV
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        tables_dir=folder("input.tables"),
+        analysis_dir=folder("input.layer_scan", up=2),
+        benchmarks_dir="benchmarks",
+        config_keys=config_keys(
+            "seed",
+            "runtime",
+            "dataset",
+            "teacher",
+            "kd",
+            "pairs",
+            "quant",
+            "evaluate",
+            "analysis",
+        ),
+    script:
+        "../scripts/report.py"
