@@ -322,8 +322,8 @@ def _remedy_batch(nets: Mapping[str, DynamicQuant], loaded: Mapping[str, Pair], 
 
 
 def remedy(cfg: Mapping, arch: str, table1: str | Path, layer_scan: str | Path, pairs: str | Path,
-           network: str | Path, out: str | Path) -> None:
-    """The fix Sect. 4.2 suggests, on the highlighted pairs and the white box ``network``.
+           network: str | Path | None = None, *, out: str | Path) -> None:
+    """The fix Sect. 4.2 suggests, on the highlighted pairs and (if given) the white box ``network``.
 
     Networks and policies: R with π_R, D with π_D, and the white box W with π_R and with π_D.
     Settings: the paper's scale rule (``quant.activation_scale``) and the remedy's
@@ -336,7 +336,9 @@ def remedy(cfg: Mapping, arch: str, table1: str | Path, layer_scan: str | Path, 
     r = cfg["analysis"]["remedy"]
     dev = runtime.setup(cfg)
     loaded = highlighted_pairs(cfg, arch, table1, pairs, dev)
-    nets = {"white_box": evaluate.load_white_box(cfg, arch, network, dev), **{m: p.quant for m, p in loaded.items()}}
+    nets = {m: p.quant for m, p in loaded.items()}
+    if network is not None:
+        nets["white_box"] = evaluate.load_white_box(cfg, arch, network, dev)
     loader = _test_loader(cfg)
     fp_run = functools.partial(_fp_batch, list(nets.values()))
     fp_acc = dict(zip(nets, accuracies(loader, cfg, dev, fp_run, desc=f"{arch} remedy (FP)").tolist()))
@@ -345,7 +347,7 @@ def remedy(cfg: Mapping, arch: str, table1: str | Path, layer_scan: str | Path, 
 
     rules = list(dict.fromkeys([cfg["quant"]["activation_scale"], r["activation_scale"]]))
     keeps = [False, True] if r["keep_flagged_fp"] else [False]
-    combos = [("robust", "robust"), ("detrimental", "detrimental"), ("white_box", "robust"), ("white_box", "detrimental")]
+    combos = [(mode, mode) for mode in loaded] + [("white_box", mode) for mode in loaded if "white_box" in nets]
     settings = []
     for net, policy in combos:
         n = nets[net].num_layers

@@ -46,12 +46,27 @@ def quantizable_layers(model: nn.Module, image_size: int = 64, device: str | tor
     return order[1:]
 
 
+class _RoundWeight(torch.autograd.Function):
+    """ŵ = s · clamp(round(w / s), -q, q) forward, identity backward (straight-through)."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, scale: Tensor, qmax: int) -> Tensor:
+        return (w / scale).round_().clamp_(-qmax, qmax).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None, None
+
+
 def fake_quant_weight(w: Tensor, bits: int = 16) -> Tensor:
-    """Symmetric per-tensor fake quant: s = max|w| / (2^(b-1) - 1), ŵ = s · clamp(round(w/s), -q, q)."""
+    """Symmetric per-tensor fake quant: s = max|w| / (2^(b-1) - 1), ŵ = s · clamp(round(w/s), -q, q).
+
+    |w / s| <= q by construction, so the clamp only guards float noise; the gradient is
+    straight-through (one fused function: the weights of a network are large, keep passes few).
+    """
     qmax = 2 ** (bits - 1) - 1
     scale = (w.detach().abs().amax() / qmax).clamp_min(SCALE_FLOOR)
-    v = w / scale  # |v| <= qmax by construction, so the clamp only guards float noise
-    return scale * (v + (v.detach().round().clamp(-qmax, qmax) - v).detach())
+    return _RoundWeight.apply(w, scale, qmax)
 
 
 def activation_range(x: Tensor, scale_rule: str = "minmax", percentile: float = 99.9) -> tuple[Tensor, Tensor]:
@@ -115,6 +130,7 @@ class DynamicQuant:
         self.weight_names = [f"{name}.weight" for name, m in model.named_modules() if isinstance(m, QUANTIZED_TYPES)]
         self._bits: Tensor | None = None
         self._mask: list[bool] = []
+        self._weight_cache: dict[str, tuple] = {}
         for index, layer in enumerate(self.layers):
             layer.register_forward_pre_hook(self._hook(index))
 
@@ -129,11 +145,21 @@ class DynamicQuant:
             return (fake_quant_activation(args[0], self._bits[:, index], self.scale_rule, self.percentile), *args[1:])
         return quantize_input
 
+    def quantized_weights(self) -> dict[str, Tensor]:
+        """Fake-quantized weights; without autograd they are cached until a weight changes."""
+        params = dict(self.model.named_parameters())
+        if torch.is_grad_enabled():
+            return {name: fake_quant_weight(params[name], self.weight_bits) for name in self.weight_names}
+        for name in self.weight_names:
+            key = (params[name]._version, params[name].data_ptr(), self.weight_bits)
+            if self._weight_cache.get(name, (None,))[0] != key:
+                self._weight_cache[name] = (key, fake_quant_weight(params[name].detach(), self.weight_bits))
+        return {name: self._weight_cache[name][1] for name in self.weight_names}
+
     def __call__(self, x: Tensor, bits: Tensor, mask: Sequence[bool] | None = None) -> Tensor:
         if bits.shape != (x.shape[0], self.num_layers):
             raise ValueError(f"bits must have shape [B={x.shape[0]}, N={self.num_layers}], got {tuple(bits.shape)}")
-        params = dict(self.model.named_parameters())
-        weights = {name: fake_quant_weight(params[name], self.weight_bits) for name in self.weight_names}
+        weights = self.quantized_weights()
         self._bits = bits
         self._mask = [True] * self.num_layers if mask is None else [bool(m) for m in mask]
         try:

@@ -13,6 +13,7 @@ backend, with no pyplot and no global style change: seaborn's theme applies insi
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import importlib.metadata
 import json
@@ -27,8 +28,8 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 import yaml
-from scipy import stats
 from matplotlib.figure import Figure
+from scipy import stats
 
 # Figure stems (results/figures/<stem>.png and .pdf) and the caption of each: the HTML report
 # shows it under the figure; a Snakemake `report()` caption file can hold the same text.
@@ -202,16 +203,36 @@ def _ordered(values: Iterable[str], order: Iterable[str]) -> list[str]:
     return known + sorted(present - set(known))
 
 
-def _legend_once(fig: Figure, axes: Sequence, loc: str = "outside upper center", **kwargs) -> None:
-    """One figure-level legend above the panels, collected from every panel, panel legends removed."""
+def _grid(nrows: int, ncols: int, panel: tuple[float, float], gap: tuple[float, float] = (0.3, 0.45),
+          left: float = 0.8, right: float = 0.15, top: float = 1.05, bottom: float = 0.55) -> tuple[Figure, np.ndarray]:
+    """``nrows`` × ``ncols`` panels of ``panel`` inches; gaps and margins in inches.
+
+    A fixed layout without shared axes: with tens of panels, constrained layout and shared
+    limits (quadratic in the number of panels) cost seconds per save. The top margin holds the
+    title, the legend and the first row's panel titles.
+    """
+    width = left + right + ncols * panel[0] + (ncols - 1) * gap[0]
+    height = top + bottom + nrows * panel[1] + (nrows - 1) * gap[1]
+    fig = Figure(figsize=(width, height))
+    axes = fig.subplots(nrows, ncols, squeeze=False, gridspec_kw=dict(
+        left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height,
+        wspace=gap[0] / panel[0], hspace=gap[1] / panel[1]))
+    return fig, axes
+
+
+def _header(fig: Figure, axes: np.ndarray, title: str) -> None:
+    """The figure title and, below it, one legend collected from every panel (panel legends removed)."""
+    height = fig.get_figheight()
+    fig.suptitle(title, y=1 - 0.06 / height, va="top", fontsize=11)
     handles = {}
-    for ax in axes:
+    for ax in axes.ravel():
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
         if ax.get_legend() is not None:
             ax.get_legend().remove()
     if handles:
-        fig.legend(handles.values(), handles.keys(), loc=loc, ncols=min(len(handles), 6), frameon=False, **kwargs)
+        fig.legend(handles.values(), handles.keys(), loc="upper center", bbox_to_anchor=(0.5, 1 - 0.32 / height),
+                   ncols=min(len(handles), 6), frameon=False)
 
 
 def _save(fig: Figure, figures_dir: Path, stem: str) -> list[Path]:
@@ -220,7 +241,6 @@ def _save(fig: Figure, figures_dir: Path, stem: str) -> list[Path]:
     for path in paths:
         # No creation date in the PDF: the same inputs give the same bytes (DVC caching).
         fig.savefig(path, dpi=PNG_DPI, metadata={"CreationDate": None} if path.suffix == ".pdf" else None)
-        fig.set_layout_engine("none")  # keep the first save's layout: solving it again costs seconds
     return paths
 
 
@@ -230,8 +250,7 @@ def fig_table1(t1: pd.DataFrame, cfg: Mapping) -> Figure:
     cells = _ordered(t1["cell"].unique(), _cells(cfg))
     data = t1.assign(network=_labelled(t1, "mode", NETWORKS))
     palette = _palette(t1["mode"].unique())
-    fig = Figure(figsize=(4.2 * len(archs) + 0.5, 6.2), layout="constrained")
-    axes = fig.subplots(2, len(archs), squeeze=False, sharex=True)
+    fig, axes = _grid(2, len(archs), panel=(4.0, 2.5), gap=(0.55, 0.25), left=0.7, top=1.1)
     for j, arch in enumerate(archs):
         sub = data[data["arch"] == arch]
         top, bottom = axes[0, j], axes[1, j]
@@ -243,12 +262,14 @@ def fig_table1(t1: pd.DataFrame, cfg: Mapping) -> Figure:
         bottom.axhline(0, color="black", lw=0.8)
         hl = sub.loc[sub["highlighted"], "cell"].unique()
         for ax in (top, bottom):
+            ax.set_xlim(-0.5, len(cells) - 0.5)
             for cell in hl:
-                ax.axvspan(cells.index(cell) - 0.5, cells.index(cell) + 0.5, color="gold", alpha=0.3, lw=0)
+                ax.axvspan(cells.index(cell) - 0.5, cells.index(cell) + 0.5, color="gold", alpha=0.3, lw=0, zorder=0)
         top.set_title(f"{arch}" + (f" (highlighted: {', '.join(hl)})" if len(hl) else " (no cell highlighted)"))
-        top.set(xlabel="", ylabel="full-precision accuracy (%)" if j == 0 else "")
-        bottom.set(xlabel="cell (version-budget)", ylabel="Δ = Q − FP (accuracy points)" if j == 0 else "")
-    _legend_once(fig, axes.ravel())
+        top.tick_params(labelbottom=False)
+        top.set(xlabel="", ylabel="FP accuracy (%)" if j == 0 else "")
+        bottom.set(xlabel="cell (version-budget)", ylabel="Δ = Q − FP (points)" if j == 0 else "")
+    _header(fig, axes, "Table 1: full-precision accuracy and accuracy change after quantization (shaded: highlighted pair)")
     return fig
 
 
@@ -260,8 +281,7 @@ def fig_layer_scan(scan: pd.DataFrame, cfg: Mapping) -> Figure:
     data = scan.assign(network=_labelled(scan, "network", NETWORKS))
     palette = _palette(scan["network"].unique())
     rows = [(a, s) for a in archs for s in splits]
-    fig = Figure(figsize=(4.0 * len(scans), 2.6 * len(rows) + 0.6), layout="constrained")
-    axes = fig.subplots(len(rows), len(scans), squeeze=False, sharex=True, sharey=True)
+    fig, axes = _grid(len(rows), len(scans), panel=(3.6, 1.9), gap=(0.2, 0.2), left=1.0)
     for i, (arch, split) in enumerate(rows):
         for j, kind in enumerate(scans):
             ax = axes[i, j]
@@ -269,9 +289,10 @@ def fig_layer_scan(scan: pd.DataFrame, cfg: Mapping) -> Figure:
             sns.lineplot(sub, x="relative_depth", y="acc", hue="network", palette=palette, marker="o",
                          markersize=3, errorbar=None, ax=ax)
             ax.set_title(SCANS.get(kind, kind) if i == 0 else "")
-            ax.set(xlim=(0, 1.02), ylim=(0, 101), xlabel="relative depth l/N" if i == len(rows) - 1 else "",
-                   ylabel=f"{arch}\n{split} {ACC_LABEL}" if j == 0 else "")
-    _legend_once(fig, axes.ravel())
+            ax.set(xlim=(0, 1.02), xticks=[0, 0.25, 0.5, 0.75, 1], ylim=(0, 101), xlabel="relative depth l/N",
+                   ylabel=f"{arch}\n{split} {ACC_LABEL}")
+            ax.label_outer()
+    _header(fig, axes, "Layer scan: accuracy when only some layers are quantized (highlighted pairs, own policy)")
     return fig
 
 
@@ -284,23 +305,12 @@ def _pick_layers(layers: Sequence[int], k: int = MAX_HISTOGRAM_LAYERS) -> list[i
 
 
 def fig_histograms(hist: pd.DataFrame, arch: str) -> Figure:
-    """For each network a block of panels, one per layer: FP (grey, filled) vs Q (colour, line).
-
-    Fixed layout in inches and no shared axes: with 40 panels, constrained layout and shared
-    limits (quadratic in the number of panels) cost several seconds per save.
-    """
+    """For each network a block of panels, one per layer: FP (grey, filled) vs Q (colour, line)."""
     networks = _ordered(hist["network"].unique(), NETWORKS)
     layers = _pick_layers(hist["layer"].unique().tolist())
     ncols = min(HISTOGRAM_COLUMNS, len(layers))
     block = math.ceil(len(layers) / ncols)
-    nrows = block * len(networks)
-    panel, gap, margin = (1.75, 1.25), (0.2, 0.42), dict(left=0.45, right=0.1, top=1.0, bottom=0.45)
-    width = margin["left"] + margin["right"] + ncols * panel[0] + (ncols - 1) * gap[0]
-    height = margin["top"] + margin["bottom"] + nrows * panel[1] + (nrows - 1) * gap[1]
-    fig = Figure(figsize=(width, height))
-    axes = fig.subplots(nrows, ncols, squeeze=False, gridspec_kw=dict(
-        left=margin["left"] / width, right=1 - margin["right"] / width, bottom=margin["bottom"] / height,
-        top=1 - margin["top"] / height, wspace=gap[0] / panel[0], hspace=gap[1] / panel[1]))
+    fig, axes = _grid(block * len(networks), ncols, panel=(1.75, 1.2), gap=(0.2, 0.42), left=0.45, top=1.0, bottom=0.45)
     hi = float(hist["bin_right"].max())
     groups = {key: g.sort_values("bin_left") for key, g in hist.groupby(["network", "layer", "precision"])}
     for n, network in enumerate(networks):
@@ -311,26 +321,27 @@ def fig_histograms(hist: pd.DataFrame, arch: str) -> Figure:
                 g = groups.get((network, layer, precision))
                 if g is None:
                     continue
+                # Step curves through the bin edges (ax.stairs is ten times slower for 80 curves).
                 edges = np.append(g["bin_left"].to_numpy(), g["bin_right"].iloc[-1])
+                density = np.append(g["density"].to_numpy(), g["density"].iloc[-1])
                 sparsity[precision] = 100 * g["sparsity"].iloc[0]
                 if precision == "fp":
-                    ax.stairs(g["density"], edges, fill=True, color="0.75", label="FP (full precision)")
+                    ax.fill_between(edges, density, step="post", color="0.75", lw=0, label="FP (full precision)")
                 else:
-                    ax.stairs(g["density"], edges, color=COLORS.get(network, "C4"), lw=1.1,
-                              label=f"Q, {NETWORKS.get(network, network)}")
+                    ax.plot(edges, density, drawstyle="steps-post", color=COLORS.get(network, "C4"), lw=1.1,
+                            label=f"Q, {NETWORKS.get(network, network)}")
             ax.set_title(f"{network[0].upper()} L{layer}  sp " + " / ".join(
                 f"{PRECISIONS[p]} {s:.0f}%" for p, s in sparsity.items()), fontsize=7.5)
-            ax.set(xlim=(0, hi), xticks=[0, hi / 2, hi], yticks=[])
+            ax.set(xlim=(0, hi), xticks=[0, hi / 2, hi], ylim=(0, None), yticks=[])
             ax.tick_params(labelsize=6.5, pad=1)
         for k in range(len(layers), block * ncols):  # unused slots of the last row
             axes[n * block + k // ncols, k % ncols].set_axis_off()
         axes[n * block, 0].set_ylabel(f"{NETWORKS.get(network, network)}\ndensity", fontsize=8)
     for ax in axes[-1]:
         ax.set_xlabel("activation value", fontsize=7.5)
-    shown = f"{len(layers)} of {hist['layer'].nunique()} layers" if len(layers) < hist["layer"].nunique() else "all layers"
-    fig.suptitle(f"{arch}: activation histograms, zero bin removed ({shown}; sp = sparsity, share of zeros)",
-                 y=1 - 0.08 / height, va="top")
-    _legend_once(fig, axes.ravel(), loc="upper center", bbox_to_anchor=(0.5, 1 - 0.38 / height))
+    n_all = hist["layer"].nunique()
+    shown = f"{len(layers)} of {n_all} layers, evenly spaced" if len(layers) < n_all else f"all {n_all} layers"
+    _header(fig, axes, f"{arch}: activation histograms, zero bin removed ({shown}; sp = sparsity, share of zeros)")
     return fig
 
 
@@ -355,9 +366,7 @@ def fig_corruptions(corr: pd.DataFrame, arch: str, cfg: Mapping) -> Figure:
     palette = _palette(corr["network"].unique())
     styles = _ordered(data["precision"].unique(), PRECISIONS.values())
     ncols = min(3, len(names))
-    nrows = math.ceil(len(names) / ncols)
-    fig = Figure(figsize=(4.0 * ncols, 3.0 * nrows + 0.7), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True)
+    fig, axes = _grid(math.ceil(len(names) / ncols), ncols, panel=(3.3, 2.1), gap=(0.2, 0.45), left=0.65)
     degrees = sorted(corr["degree"].unique())
     for k, name in enumerate(names):
         ax = axes[k // ncols, k % ncols]
@@ -365,29 +374,37 @@ def fig_corruptions(corr: pd.DataFrame, arch: str, cfg: Mapping) -> Figure:
                      style_order=styles, dashes={"FP": "", "Q": (4, 2)}, palette=palette, marker="o",
                      markersize=4, errorbar=t_interval, ax=ax)
         ax.set_title(name.replace("_", " "))
-        ax.set(xticks=degrees, ylim=(0, 101), xlabel="degree (severity)", ylabel=ACC_LABEL)
-    for k in range(len(names), nrows * ncols):
-        axes[k // ncols, k % ncols].set_axis_off()
-    fig.suptitle(f"{arch}: accuracy under input corruptions (FP solid, Q dashed; 95 % t-CI over seeds)")
-    _legend_once(fig, axes.ravel())
+        ax.set(xticks=degrees, xlim=(min(degrees) - 0.2, max(degrees) + 0.2), xlabel="degree (severity)",
+               ylabel=ACC_LABEL)
+        ax.label_outer()
+    # One y range for all panels, fitted to the data: R and D often differ by a few points only.
+    used = axes.flat[:len(names)]
+    lo, hi = min(ax.get_ylim()[0] for ax in used), max(ax.get_ylim()[1] for ax in used)
+    for ax in used:
+        ax.set_ylim(max(lo, 0), min(hi, 101))
+    for ax in axes.flat[len(names):]:
+        ax.set_axis_off()
+    _header(fig, axes, f"{arch}: accuracy under input corruptions (FP solid, Q dashed; 95 % t-CI over seeds)")
     return fig
 
 
 def figures(cfg: Mapping, tables_dir, analysis_dir, figures_dir) -> list[Path]:
-    """Draw every figure of :func:`figure_names` as PNG and PDF; returns the written paths."""
-    tables_dir, analysis_dir, figures_dir = Path(tables_dir), Path(analysis_dir), Path(figures_dir)
-    archs = _archs(cfg)
-    drawers = {"fig1_table1": lambda: fig_table1(_table1(tables_dir), cfg),
-               "fig2_layer_scan": lambda: fig_layer_scan(_analysis(analysis_dir, archs, "layer_scan"), cfg)}
-    for arch in _histogram_archs(cfg):
-        drawers[f"fig3_histograms_{arch}"] = lambda a=arch: fig_histograms(_analysis(analysis_dir, [a], "histograms"), a)
-    for arch in archs:
-        drawers[f"fig4_corruptions_{arch}"] = lambda a=arch: fig_corruptions(
-            _analysis(analysis_dir, [a], "corruptions"), a, cfg)
+    """Draw every figure of :func:`figure_names` as PNG and PDF; returns the written paths.
+
+    Reads every input first, so that a missing one fails with its name before any figure is drawn.
+    """
+    analysis_dir, archs = Path(analysis_dir), _archs(cfg)
+    t1, scan = _table1(tables_dir), _analysis(analysis_dir, archs, "layer_scan")
+    hist = {a: _analysis(analysis_dir, [a], "histograms") for a in _histogram_archs(cfg)}
+    corr = {a: _analysis(analysis_dir, [a], "corruptions") for a in archs}
+    drawers = {"fig1_table1": functools.partial(fig_table1, t1, cfg),
+               "fig2_layer_scan": functools.partial(fig_layer_scan, scan, cfg),
+               **{f"fig3_histograms_{a}": functools.partial(fig_histograms, h, a) for a, h in hist.items()},
+               **{f"fig4_corruptions_{a}": functools.partial(fig_corruptions, c, a, cfg) for a, c in corr.items()}}
     paths = []
     for name in figure_names(cfg):
         with _style():
-            paths += _save(drawers[name](), figures_dir, name)
+            paths += _save(drawers[name](), Path(figures_dir), name)
     return paths
 
 
@@ -406,13 +423,23 @@ def _fmt(value, signed: bool = False) -> str:
     return str(value)
 
 
+def _numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return text == "–"
+    return True
+
+
 def _cell(value, cls: str = "", tag: str = "td", span: int = 1) -> str:
+    """One cell; numbers (class ``n``) align right, text left."""
+    value = str(value)
+    cls = " ".join(c for c in (cls, "n" if tag == "td" and _numeric(value) else "") if c)
     attrs = (f' class="{cls}"' if cls else "") + (f' colspan="{span}"' if span > 1 else "")
-    return f"<{tag}{attrs}>{html.escape(str(value))}</{tag}>"
+    return f"<{tag}{attrs}>{html.escape(value)}</{tag}>"
 
 
-def _table(table_id: str, header: Sequence[Sequence], body: Sequence[Sequence], row_classes=None,
-           caption: str = "") -> str:
+def _table(table_id: str, header: Sequence[Sequence], body: Sequence[Sequence], row_classes=None) -> str:
     """An HTML table. ``header``: rows of labels or (label, colspan); ``body``: rows of text or (text, class)."""
     head = "".join("<tr>" + "".join(_cell(h[0], tag="th", span=h[1]) if isinstance(h, tuple) else _cell(h, tag="th")
                                     for h in row) + "</tr>" for row in header)
@@ -420,14 +447,12 @@ def _table(table_id: str, header: Sequence[Sequence], body: Sequence[Sequence], 
     for i, row in enumerate(body):
         cls = f' class="{row_classes[i]}"' if row_classes and row_classes[i] else ""
         rows.append(f"<tr{cls}>" + "".join(_cell(*c) if isinstance(c, tuple) else _cell(c) for c in row) + "</tr>")
-    cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
-    return f'<table id="{table_id}">{cap}<thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
+    return f'<table id="{table_id}"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
 
 
-def _frame_table(table_id: str, df: pd.DataFrame, signed: Sequence[str] = (), row_classes=None,
-                 caption: str = "") -> str:
+def _frame_table(table_id: str, df: pd.DataFrame, signed: Sequence[str] = (), row_classes=None) -> str:
     body = [[_fmt(v, c in signed) for c, v in row.items()] for _, row in df.iterrows()]
-    return _table(table_id, [list(df.columns)], body, row_classes, caption)
+    return _table(table_id, [list(df.columns)], body, row_classes)
 
 
 def _table1_html(t1: pd.DataFrame, cfg: Mapping) -> str:
@@ -450,9 +475,7 @@ def _table1_html(t1: pd.DataFrame, cfg: Mapping) -> str:
                     row += [(_fmt(r.fp_acc if r is not None else None), hl),
                             (_fmt(r.delta if r is not None else None, True), hl)]
             body.append(row)
-    return _table("table1", header, body, caption=(
-        "Table 1: full-precision accuracy (%) and Δ = Q − FP (points) of every pair; "
-        "W acc = the white-box network's accuracy; shaded = highlighted pair."))
+    return _table("table1", header, body)
 
 
 def _table3_html(t3: pd.DataFrame, cfg: Mapping) -> str:
@@ -465,9 +488,8 @@ def _table3_html(t3: pd.DataFrame, cfg: Mapping) -> str:
             q = sub[sub["policy"] == policy].set_index("network")["q_acc"]
             body.append([arch, f"Q with {POLICIES.get(policy, policy)}"] + [_fmt(q.get(n)) for n in networks])
         fp = sub.groupby("network")["fp_acc"].first()
-        body.append(([arch, "FP (no quantization)"] + [_fmt(fp.get(n)) for n in networks]))
-    return _table("table3", [["arch", "setting"] + [NETWORKS.get(n, n) for n in networks]], body,
-                  caption="Table 3: accuracy (%) of each network under each policy at its arch's highlighted budget.")
+        body.append([arch, "FP (no quantization)"] + [_fmt(fp.get(n)) for n in networks])
+    return _table("table3", [["arch", "setting"] + [NETWORKS.get(n, n) for n in networks]], body)
 
 
 def headline(t1: pd.DataFrame, t2: pd.DataFrame, cfg: Mapping) -> dict:
@@ -487,31 +509,33 @@ def headline(t1: pd.DataFrame, t2: pd.DataFrame, cfg: Mapping) -> dict:
     return out
 
 
-def _reference_html(metrics: Mapping, t3: pd.DataFrame, cfg: Mapping) -> str:
-    """The paper's numbers (SPEC §5) beside this run's, one row per quantity and arch."""
+def _reference_pairs(arch: str, ours: Mapping, q3: pd.Series) -> dict[str, tuple]:
+    """Quantity -> (paper, this run) for one arch; the paper's is None where it has no number."""
     ref = PAPER_REFERENCE
-    archs = list(metrics) + [a for a in ref["white_box_acc"] if a not in metrics]
-    rows = []
-    for arch in archs:
-        ours, paper = metrics.get(arch, {}), ref["highlighted"].get(arch, {})
-        rows += [("white-box accuracy W (%)", arch, ref["white_box_acc"].get(arch), ours.get("white_box_acc"), False),
-                 ("highlighted cell", arch, paper.get("cell"), ours.get("highlighted"), False)]
-        for mode in ("robust", "detrimental"):
-            tag = mode[0].upper()
-            rows += [(f"{tag} FP accuracy (%) at the highlighted cell", arch, paper.get(mode, {}).get("fp_acc"),
-                      ours.get(f"{mode}_fp_acc"), False),
-                     (f"{tag} Δ = Q − FP (points)", arch, paper.get(mode, {}).get("delta"), ours.get(f"{mode}_delta"), True)]
-        rows.append(("transitory points (% of test set)", arch, ref["transitory_pct"].get(arch),
-                     ours.get("transitory_pct"), False))
-    q = t3.set_index(["arch", "policy", "network"])["q_acc"]
-    for arch, table in ref["table3"].items():
-        for policy, cols in table.items():
-            for network, value in cols.items():
-                rows.append((f"Table 3: {NETWORKS[network]} with {POLICIES[policy]} (%)", arch, value,
-                             q.get((arch, policy, network)), False))
-    body = [[what, arch, _fmt(p, signed), _fmt(o, signed)] for what, arch, p, o, signed in rows]
-    return _table("reference", [["quantity", "arch", f"paper ({ref['dataset']})", "this run"]], body,
-                  caption="The paper's reference numbers (SPEC §5) beside this run's.")
+    hl = ref["highlighted"].get(arch, {})
+    pairs = {"white-box accuracy W (%)": (ref["white_box_acc"].get(arch), ours.get("white_box_acc")),
+             "highlighted cell (version-budget)": (hl.get("cell"), ours.get("highlighted"))}
+    for mode in ("robust", "detrimental"):
+        tag = mode[0].upper()
+        pairs[f"{tag} FP accuracy (%), highlighted cell"] = (hl.get(mode, {}).get("fp_acc"), ours.get(f"{mode}_fp_acc"))
+        pairs[f"{tag} Δ = Q − FP (points), highlighted cell"] = (hl.get(mode, {}).get("delta"), ours.get(f"{mode}_delta"))
+    pairs["transitory points (% of the test set)"] = (ref["transitory_pct"].get(arch), ours.get("transitory_pct"))
+    paper3 = ref["table3"].get(arch, {})
+    for policy, pol in POLICIES.items():
+        for network, net in NETWORKS.items():
+            pairs[f"Table 3: {net} quantized with {pol} (%)"] = (paper3.get(policy, {}).get(network),
+                                                                   q3.get((arch, policy, network)))
+    return pairs
+
+
+def _reference_html(metrics: Mapping, t3: pd.DataFrame) -> str:
+    """The paper's numbers (SPEC §5) beside this run's: a row per quantity, two columns per arch."""
+    archs = list(metrics) + [a for a in PAPER_REFERENCE["white_box_acc"] if a not in metrics]
+    q3 = t3.set_index(["arch", "policy", "network"])["q_acc"]
+    per_arch = {a: _reference_pairs(a, metrics.get(a, {}), q3) for a in archs}
+    header = [["quantity"] + [(a, 2) for a in archs], [""] + ["paper", "this run"] * len(archs)]
+    body = [[what] + [_fmt(v, "Δ" in what) for a in archs for v in per_arch[a][what]] for what in per_arch[archs[0]]]
+    return _table("reference", header, body)
 
 
 def runtimes(benchmarks_dir) -> pd.DataFrame:
@@ -560,9 +584,8 @@ max-width:1400px;padding:1em 2em;color:#222;line-height:1.4}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
 nav a{margin-right:1em}
 table{border-collapse:collapse;margin:1em 0;font-size:.9em;font-variant-numeric:tabular-nums}
-th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}th{background:#f2f2f2}
-td:first-child,th:first-child{text-align:left}
-caption{caption-side:top;text-align:left;font-weight:600;padding:.3em 0}
+th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left}th{background:#f2f2f2;text-align:center}
+td.n{text-align:right}
 tr.hl td,td.hl{background:#cfe2ff;font-weight:600}
 figure{margin:1.5em 0}img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{font-size:.9em;color:#444;max-width:70em}
@@ -579,67 +602,81 @@ SCRIPT = """window.addEventListener("load", function () {
 
 
 def _section(sid: str, title: str, *parts: str) -> str:
-    return f'<section id="{sid}"><h2>{html.escape(title)}</h2>{"".join(parts)}</section>'
+    return f'<section id="s-{sid}"><h2>{html.escape(title)}</h2>{"".join(parts)}</section>'
 
 
 def _note(text: str) -> str:
     return f'<p class="note">{html.escape(text)}</p>'
 
 
+def _page(sections: Sequence[tuple[str, str, Sequence[str]]]) -> str:
+    """The whole page: title, a link per section, the sections, the image-counting script."""
+    nav = "".join(f'<a href="#s-{sid}">{html.escape(title)}</a>' for sid, title, _ in sections)
+    body = "".join(_section(sid, title, *parts) for sid, title, parts in sections)
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>dptq report</title><style>{CSS}</style></head><body>"
+            f"<h1>Catastrophic failure under dynamic post-training quantization: reproduction report</h1>"
+            f"<nav>{nav}</nav>{body}<script>{SCRIPT}</script></body></html>")
+
+
 def build(cfg: Mapping, tables_dir, analysis_dir, figures_dir, benchmarks_dir, html_path, metrics_path) -> None:
-    """Write the self-contained report page and the headline metrics JSON."""
+    """Write the self-contained report page and the headline metrics JSON.
+
+    Reads every input before writing anything, so a missing one fails with its name and leaves
+    no half-written report.
+    """
     tables_dir, figures_dir = Path(tables_dir), Path(figures_dir)
     archs = _archs(cfg)
     t1 = _table1(tables_dir)
     t2 = _read(tables_dir / "table2.csv", "table2")
     t3 = _read(tables_dir / "table3.csv", "table3")
     remedy = _analysis(Path(analysis_dir), archs, "remedy")
+    images = {name: _image(figures_dir / f"{name}.png", name) for name in figure_names(cfg)}
+    times = runtimes(benchmarks_dir)
     metrics = headline(t1, t2, cfg)
-    names = figure_names(cfg)
 
     tidy = t1[COLUMNS["table1"]].assign(highlighted=t1["highlighted"].map({True: "★", False: ""}))
     no_hist = [a for a in archs if a not in _histogram_archs(cfg)]
-    remedy = remedy.assign(delta=remedy["q_acc"] - remedy["fp_acc"])
-    times = runtimes(benchmarks_dir)
-    sections = [
-        _section("reference", "Headline numbers: paper vs this run",
-                 _note(f"The paper trains on {PAPER_REFERENCE['dataset']}; this run on dataset.name = "
-                       f"{cfg['dataset']['name']} at {cfg['dataset']['image_size']} px, so only the "
-                       "pattern (R keeps its accuracy, D collapses) is expected to match."),
-                 _reference_html(metrics, t3, cfg)),
-        _section("table1", "Table 1: network-policy pairs", _table1_html(t1, cfg), _image(figures_dir / "fig1_table1.png", "fig1_table1"),
-                 "<details><summary>Table 1, one row per pair (results/tables/table1.csv)</summary>",
-                 _frame_table("table1-tidy", tidy, signed=["delta"],
-                              row_classes=["hl" if h else "" for h in t1["highlighted"]]), "</details>"),
-        _section("table2", "Table 2: transitory points",
-                 _frame_table("table2", t2, caption="Test examples that R and D both classify correctly at "
-                              "full precision but D quantized misclassifies, % of the test set.")),
-        _section("table3", "Table 3: cross-policy", _table3_html(t3, cfg)),
-        _section("figures", "Figures",
-                 *[_image(figures_dir / f"{n}.png", n) for n in names if n != "fig1_table1"],
-                 _note(f"No activation histograms for {', '.join(no_hist)} (not in analysis.histogram.archs).")
-                 if no_hist else ""),
-        _section("remedy", "Remedy: percentile scale and flagged layers at full precision",
-                 _frame_table("remedy", remedy, signed=["delta"], caption=(
-                     "Accuracy (%) of the highlighted networks under each remedy setting; flagged layers "
-                     "are those whose quantization alone costs more than analysis.remedy.flag_drop points."))),
-        _section("runtimes", "Run times per pipeline stage",
-                 _frame_table("runtimes", times, caption="From the Snakemake benchmark files: wall-clock "
-                              "seconds summed and maximal over a rule's jobs, peak resident memory (MB).")
-                 if len(times) else _note(f"No benchmark files under {benchmarks_dir}.")),
-        _section("environment", "Environment",
-                 _table("versions", [["package", "version"]], [[k, v] for k, v in versions().items()])),
-        _section("config", "Configuration", "<pre>" + html.escape(yaml.safe_dump(dict(cfg), sort_keys=False)) + "</pre>"),
-    ]
-    nav = "".join(f'<a href="#{sid}">{label}</a>' for sid, label in [
-        ("reference", "paper vs ours"), ("table1", "Table 1"), ("table2", "Table 2"), ("table3", "Table 3"),
-        ("figures", "figures"), ("remedy", "remedy"), ("runtimes", "run times"), ("environment", "environment"),
-        ("config", "config")])
-    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>dptq report</title><style>{CSS}</style></head><body>"
-            f"<h1>Catastrophic failure under dynamic post-training quantization: reproduction report</h1>"
-            f"<nav>{nav}</nav>{''.join(sections)}<script>{SCRIPT}</script></body></html>")
+    page = _page([
+        ("reference", "Paper vs this run", [
+            _note(f"The paper trains on {PAPER_REFERENCE['dataset']}; this run on dataset.name = {cfg['dataset']['name']} "
+                  f"at {cfg['dataset']['image_size']} px, so the numbers differ; the pattern (R keeps its accuracy "
+                  "when quantized, D loses much of it, both alike at full precision) is what should match. "
+                  "A dash: no number (the paper reports Table 3 for ResNet18 only)."),
+            _reference_html(metrics, t3)]),
+        ("table1", "Table 1: network-policy pairs", [
+            _note("FP: full-precision test accuracy (%); Δ = Q − FP in points, Q quantized with the network's own "
+                  "policy at the cell's budget; W acc: the white-box network both start from. Shaded: the "
+                  "highlighted pair, the cell with the largest Δ_R − Δ_D among those with |FP_R − FP_D| ≤ "
+                  f"{cfg['evaluate']['highlight_max_fp_gap']} (evaluate.highlight_max_fp_gap)."),
+            _table1_html(t1, cfg), images["fig1_table1"],
+            "<details><summary>Table 1, one row per pair (results/tables/table1.csv)</summary>",
+            _frame_table("table1-tidy", tidy, signed=["delta"], row_classes=["hl" if h else "" for h in t1["highlighted"]]),
+            "</details>"]),
+        ("table2", "Table 2: transitory points", [
+            _note("Test examples that R and D both classify correctly at full precision but D quantized with "
+                  "its own policy misclassifies, in % of the test set (highlighted cell)."),
+            _frame_table("table2", t2)]),
+        ("table3", "Table 3: cross-policy", [
+            _note("Test accuracy (%) of each network quantized with each policy at its arch's highlighted "
+                  "budget (random: a seeded random allocation that meets the same budget), and at full precision."),
+            _table3_html(t3, cfg)]),
+        ("figures", "Figures", [images[n] for n in images if n != "fig1_table1"] + [
+            _note(f"No activation histograms for {', '.join(no_hist)}: not in analysis.histogram.archs.") if no_hist else ""]),
+        ("remedy", "Remedy: percentile scale, flagged layers at full precision", [
+            _note("Test accuracy (%) of the highlighted networks under each remedy setting; a layer is flagged "
+                  f"when quantizing it alone costs more than {cfg['analysis']['remedy']['flag_drop']} points "
+                  "(analysis.remedy.flag_drop)."),
+            _frame_table("remedy", remedy.assign(delta=remedy["q_acc"] - remedy["fp_acc"]), signed=["delta"])]),
+        ("runtimes", "Run times per pipeline stage", [
+            _note("From the Snakemake benchmark files (benchmarks/<rule>/...): wall-clock seconds summed and "
+                  "maximal over a rule's jobs, peak resident memory in MB."),
+            _frame_table("runtimes", times) if len(times)
+            else _note(f"No benchmark files under {benchmarks_dir}.")]),
+        ("environment", "Environment", [_table("versions", [["package", "version"]], list(versions().items()))]),
+        ("config", "Configuration", ["<pre>" + html.escape(yaml.safe_dump(dict(cfg), sort_keys=False)) + "</pre>"]),
+    ])
     for path, text in ((Path(html_path), page), (Path(metrics_path), json.dumps(metrics, indent=2) + "\n")):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")

@@ -48,9 +48,6 @@ class Cluster:
     cpus: int
     mem_mb: int
 
-    def env(self) -> dict:
-        return {**os.environ, "SLURM_CONF": str(self.conf)}
-
 
 def _binary(name: str) -> str | None:
     return shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin")
@@ -202,11 +199,11 @@ def _munge_works() -> bool:
         [_binary("unmunge")], input=encoded.stdout, capture_output=True).returncode == 0
 
 
-def _wait_idle(run: Path, env: dict) -> None:
+def _wait_idle(run: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     state = ""
     while time.monotonic() < deadline:
-        out = subprocess.run([_binary("sinfo"), "-h", "-o", "%t"], capture_output=True, text=True, env=env)
+        out = subprocess.run([_binary("sinfo"), "-h", "-o", "%t"], capture_output=True, text=True)
         state = (out.stdout + out.stderr).strip()
         if state == "idle":
             return
@@ -227,7 +224,6 @@ def cluster() -> Iterator[Cluster]:
         run.mkdir()
         mem_mb = _free_mem_mb()
         node = Cluster(conf=write_conf(run, mem_mb), partition=PARTITION, cpus=os.cpu_count() or 1, mem_mb=mem_mb)
-        env = node.env()
         started: list[tuple[int, str]] = []
         moved = ETC_CONF.exists() or ETC_CONF.is_symlink()
         try:
@@ -246,8 +242,8 @@ def cluster() -> Iterator[Cluster]:
                         raise RuntimeError(f"munged did not answer in {START_TIMEOUT_S} s; see {run / 'munged.out'}")
                     time.sleep(0.2)
             for name in ("slurmctld", "slurmd"):
-                started.append((_start(name, [_binary(name), "-D", "-f", str(node.conf)], run / f"{name}.out", env=env), name))
-            _wait_idle(run, env)
+                started.append((_start(name, [_binary(name), "-D", "-f", str(node.conf)], run / f"{name}.out"), name))
+            _wait_idle(run)
             yield node
         finally:
             for pid, name in reversed(started):  # slurmd, slurmctld, then munged

@@ -6,17 +6,11 @@ the section and the key). A few cases also go through ``snakemake -n``, as a use
 """
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import yaml
 
+from conftest import BIN, ROOT, run
 from dptq import config
-
-ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 
 
 def at(path: str, value) -> dict:
@@ -145,8 +139,7 @@ def test_snakemake_dry_run_refuses_bad_config(overlay, fragments, tmp_path):
     assert (ROOT / "Snakefile").exists(), "the Snakefile is missing"
     configfile = tmp_path / "bad.yaml"
     configfile.write_text(yaml.safe_dump(overlay))
-    out = subprocess.run(["timeout", "-s", "KILL", "300", SNAKEMAKE, "-n", "--configfile", str(configfile)],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = run([str(BIN / "snakemake"), "-n", "--cores", "1", "--configfile", str(configfile)], ROOT, 300, check=False)
     assert out.returncode != 0, f"snakemake -n accepted {overlay}:\n{out.stdout[-3000:]}"
     missing = [f for f in fragments if f not in out.stdout]
     assert not missing, f"snakemake -n does not name {missing}:\n{out.stdout[-3000:]}"

@@ -185,3 +185,21 @@ def test_bad_bits_shape_is_refused():
     q = quant.DynamicQuant(tiny_net(), image_size=8)
     with pytest.raises(ValueError, match=r"N=2"):
         q(torch.randn(2, 3, 8, 8), torch.ones(2, 3))
+
+
+def test_cached_weights_follow_updates():
+    """Under no_grad the quantized weights are cached, and refreshed after an in-place update."""
+    net = tiny_net()
+    q = quant.DynamicQuant(net, weight_bits=4, image_size=8)
+    x, bits = torch.randn(2, 3, 8, 8), torch.full((2, 2), 6.0)
+    with torch.no_grad():
+        first = q(x, bits)
+        assert torch.equal(first, q(x, bits))
+        net[0].weight.mul_(2.0)
+        second = q(x, bits)
+    with torch.enable_grad():
+        assert torch.allclose(second, q(x, bits), atol=1e-6)
+    assert not torch.allclose(first, second)
+    net.load_state_dict(tiny_net().state_dict())
+    with torch.no_grad():
+        assert torch.allclose(q(x, bits), first, atol=1e-6)

@@ -27,7 +27,7 @@ rule evaluate:
 
 rule tables:
     input:
-        by_arch=expand(rules.evaluate.output, arch=ARCHS),
+        per_arch=expand(rules.evaluate.output, arch=ARCHS),
     output:
         table1=report(
             "results/tables/table1.csv",
@@ -54,7 +54,7 @@ rule tables:
         mem_mb=2000,
         runtime=30,
     params:
-        by_arch=folder("input.by_arch", up=2),
+        by_arch=folder("input.per_arch", up=2),
         out_dir=folder("output.table1"),
     script:
         "../scripts/tables.py"

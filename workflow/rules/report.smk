@@ -1,9 +1,13 @@
 rule figures:
     input:
         tables=rules.tables.output,
-        layer_scan=expand(rules.layer_scan.output.csv, arch=ARCHS),
-        histograms=expand(rules.histograms.output.csv, arch=HISTOGRAM_ARCHS),
-        corruptions=expand(rules.corruptions.output.csv, arch=ARCHS),
+        # all four kinds: dvc.yaml's stage depends on the whole results/analysis folder
+        analysis=[
+            expand(rules.layer_scan.output.csv, arch=ARCHS),
+            expand(rules.histograms.output.csv, arch=HISTOGRAM_ARCHS),
+            expand(rules.corruptions.output.csv, arch=ARCHS),
+            expand(rules.remedy.output.csv, arch=ARCHS),
+        ],
     output:
         figures=report(
             directory("results/figures"),
@@ -23,7 +27,7 @@ rule figures:
         runtime=30,
     params:
         tables_dir=folder("input.tables"),
-        analysis_dir=folder("input.layer_scan", up=2),
+        analysis_dir=folder("input.analysis", up=2),
     script:
         "../scripts/figures.py"
 
@@ -32,10 +36,7 @@ rule report:
     input:
         tables=rules.tables.output,
         figures=rules.figures.output.figures,
-        layer_scan=rules.figures.input.layer_scan,
-        histograms=rules.figures.input.histograms,
-        corruptions=rules.figures.input.corruptions,
-        remedy=expand(rules.remedy.output.csv, arch=ARCHS),
+        analysis=rules.figures.input.analysis,
     output:
         html="results/report.html",
         metrics="results/metrics.json",
@@ -50,7 +51,7 @@ rule report:
         runtime=30,
     params:
         tables_dir=folder("input.tables"),
-        analysis_dir=folder("input.layer_scan", up=2),
+        analysis_dir=folder("input.analysis", up=2),
         benchmarks_dir="benchmarks",
         config_keys=config_keys(
             "seed",
