@@ -86,6 +86,16 @@ def _test_loader(cfg: Mapping):
     return data.loader(data.build(cfg, "test"), cfg["evaluate"]["batch_size"], cfg)
 
 
+def _scan_loader(cfg: Mapping, split: str):
+    """The split for the costly analyses (N·3 passes per network for the scan, dozens for the
+    corruptions): at most ``analysis.max_examples`` examples (0: all), a seeded random subset."""
+    dataset, limit = data.build(cfg, split), cfg["analysis"]["max_examples"]
+    if 0 < limit < len(dataset):
+        keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg["seed"]))[:limit].sort().values
+        dataset = torch.utils.data.Subset(dataset, keep.tolist())
+    return data.loader(dataset, cfg["evaluate"]["batch_size"], cfg)
+
+
 # --- Fig. 2: layer scan --------------------------------------------------------------------------
 
 def scan_masks(n: int, kind: str, layer: int) -> list[bool]:
@@ -120,8 +130,7 @@ def layer_scan(cfg: Mapping, arch: str, table1: str | Path, pairs: str | Path, o
         steps = [(kind, layer) for kind in SCANS for layer in range(1, n + 1)]
         run = functools.partial(_scan_batch, pair, [scan_masks(n, kind, layer) for kind, layer in steps], cfg)
         for split in cfg["analysis"]["layer_scan"]["splits"]:
-            loader = data.loader(data.build(cfg, split), cfg["evaluate"]["batch_size"], cfg)
-            acc = accuracies(loader, cfg, dev, run, desc=f"{arch} {mode} layer scan ({split})")
+            acc = accuracies(_scan_loader(cfg, split), cfg, dev, run, desc=f"{arch} {mode} layer scan ({split})")
             rows += [dict(arch=arch, network=mode, split=split, scan=kind, layer=layer, relative_depth=layer / n, acc=a)
                      for (kind, layer), a in zip(steps, acc.tolist())]
     _write(rows, LAYER_SCAN_COLUMNS, out)
@@ -272,7 +281,7 @@ def corruptions(cfg: Mapping, arch: str, table1: str | Path, pairs: str | Path, 
     c = cfg["analysis"]["corruptions"]
     dev = runtime.setup(cfg)
     loaded = highlighted_pairs(cfg, arch, table1, pairs, dev)
-    loader = _test_loader(cfg)
+    loader = _scan_loader(cfg, "test")
     precisions = ["fp", "q"] if c["quantized"] else ["fp"]
     keys = [(mode, precision) for mode in loaded for precision in precisions]
     run = functools.partial(_robustness_batch, [(loaded[mode], precision) for mode, precision in keys], cfg)

@@ -89,6 +89,32 @@ def activation_range(x: Tensor, scale_rule: str = "minmax", percentile: float = 
     return lo.clamp(max=0), hi.clamp(min=0)
 
 
+class _FakeQuantActivation(torch.autograd.Function):
+    """x̂ = s (clamp(round(x / s + z), 0, L) - z) with the LSQ gradients, in few passes.
+
+    Inside the range (judged on the rounded value, so the min and max, which land exactly on the
+    ends, count as inside): d x̂/dx = 1 and d x̂/ds = round(x/s) - x/s. Outside: d x̂/dx = 0 and
+    d x̂/ds = q - z. Summed per example: d/ds = (Σ g x̂ - Σ g·inside·x) / s.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor, levels: Tensor) -> Tensor:
+        q = torch.addcmul(zero_point, x, 1.0 / scale).round_()  # as torch: x · (1/s) + z, half to even
+        inside = (q >= 0) & (q <= levels)
+        q = torch.minimum(q.clamp_(min=0), levels)
+        out = q.sub_(zero_point).mul_(scale)
+        ctx.save_for_backward(x, out, inside, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, out, inside, scale = ctx.saved_tensors
+        grad_x = grad * inside
+        dims = tuple(range(1, x.dim()))
+        grad_scale = ((grad * out).sum(dims, keepdim=True) - (grad_x * x).sum(dims, keepdim=True)) / scale
+        return grad_x, grad_scale, None, None
+
+
 def fake_quant_activation(x: Tensor, bits: Tensor, scale_rule: str = "minmax", percentile: float = 99.9) -> Tensor:
     """Dynamic asymmetric fake quant with each example's own range and integer zero point.
 
@@ -105,13 +131,7 @@ def fake_quant_activation(x: Tensor, bits: Tensor, scale_rule: str = "minmax", p
     scale = ((hi - lo).to(dtype) / levels).clamp_min(SCALE_FLOOR)
     zero_point = torch.round(-lo.to(dtype) / scale).detach()
     levels, scale, zero_point = (t.reshape(shape) for t in (levels, scale, zero_point))
-    v = x.to(dtype) * (1.0 / scale) + zero_point
-    r = v.detach().round()
-    # Inside the range (judged on the rounded value, so that min and max, which land exactly on
-    # the ends, count as inside) rounding is straight-through; outside q is the constant end.
-    inside = (r >= 0) & (r <= levels.detach())
-    q = torch.where(inside, v + (r - v).detach(), torch.minimum(r.clamp(min=0), levels.detach()))
-    return ((q - zero_point) * scale).to(x.dtype)
+    return _FakeQuantActivation.apply(x.to(dtype), scale, zero_point, levels.detach()).to(x.dtype)
 
 
 class DynamicQuant:

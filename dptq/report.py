@@ -19,6 +19,7 @@ import importlib.metadata
 import json
 import math
 import platform
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -96,6 +97,9 @@ COLUMNS = {
     "corruptions": ["arch", "network", "precision", "corruption", "degree", "seed", "acc"],
     "remedy": ["arch", "network", "setting", "flagged_layers", "q_acc", "fp_acc"],
 }
+# Label columns stay text: a budget named ``1`` or a single flagged layer ``7`` is a name, not a number.
+LABELS = ("arch", "version", "budget", "mode", "options", "network", "policy", "split", "scan", "precision",
+          "corruption", "setting", "scale_rule", "flagged_layers")
 NETWORKS = {"white_box": "W (white box)", "robust": "R (robust)", "detrimental": "D (detrimental)"}
 POLICIES = {"robust": "π_R", "detrimental": "π_D", "random": "random"}
 PRECISIONS = {"fp": "FP", "q": "Q"}
@@ -114,7 +118,7 @@ def _read(path: Path, kind: str) -> pd.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; the report needs this {kind} table "
                                 f"(run the pipeline step that writes it first)")
-    df = pd.read_csv(path)
+    df = pd.read_csv(path, dtype=dict.fromkeys(LABELS, str))
     missing = [c for c in COLUMNS[kind] if c not in df.columns]
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; a {kind} table has {COLUMNS[kind]}")
@@ -151,7 +155,7 @@ def _table1(tables_dir: Path) -> pd.DataFrame:
 
 def _cells(cfg: Mapping) -> list[str]:
     """Every (version, budget) cell in config order: I-A, I-B, ..., III-C."""
-    return [f"{v}-{b}" for v in cfg["pairs"]["versions"] for b in cfg["pairs"]["budgets"]]
+    return [f"{v}-{b}" for v in map(str, cfg["pairs"]["versions"]) for b in map(str, cfg["pairs"]["budgets"])]
 
 
 # ---------------------------------------------------------------- figure names and captions
@@ -175,6 +179,21 @@ def caption(name: str) -> str:
         if name == stem or ("{arch}" in stem and name.startswith(prefix) and len(name) > len(prefix)):
             return text.format(arch=name[len(prefix):], max_layers=MAX_HISTOGRAM_LAYERS)
     raise KeyError(f"no caption for figure {name!r}; figures are {list(FIGURES)}")
+
+
+def caption_files(cfg: Mapping, directory) -> dict[str, Path]:
+    """Write each figure's caption as ``<directory>/<stem>.rst`` (for Snakemake's ``report(caption=...)``).
+
+    reStructuredText markup characters are backslash-escaped: ``|FP_R − FP_D|`` would otherwise
+    read as a substitution reference.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name in figure_names(cfg):
+        paths[name] = directory / f"{name}.rst"
+        paths[name].write_text(re.sub(r"([\\|*`_])", r"\\\1", caption(name)) + "\n", encoding="utf-8")
+    return paths
 
 
 # ---------------------------------------------------------------- figures
@@ -324,7 +343,7 @@ def fig_histograms(hist: pd.DataFrame, arch: str) -> Figure:
                 # Step curves through the bin edges (ax.stairs is ten times slower for 80 curves).
                 edges = np.append(g["bin_left"].to_numpy(), g["bin_right"].iloc[-1])
                 density = np.append(g["density"].to_numpy(), g["density"].iloc[-1])
-                sparsity[precision] = 100 * g["sparsity"].iloc[0]
+                sparsity[precision] = g["sparsity"].iloc[0]  # already in % (analysis.histograms)
                 if precision == "fp":
                     ax.fill_between(edges, density, step="post", color="0.75", lw=0, label="FP (full precision)")
                 else:
@@ -415,7 +434,7 @@ def _fmt(value, signed: bool = False) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     if isinstance(value, (bool, np.bool_)):
-        return "yes" if value else ""
+        return "yes" if value else "no"
     if isinstance(value, (int, np.integer)):
         return str(value)
     if isinstance(value, (float, np.floating)):
@@ -457,7 +476,7 @@ def _frame_table(table_id: str, df: pd.DataFrame, signed: Sequence[str] = (), ro
 
 def _table1_html(t1: pd.DataFrame, cfg: Mapping) -> str:
     """The paper's layout: a row per (arch, version), per budget R FP, R Δ, D FP, D Δ; highlighted cells shaded."""
-    budgets = _ordered(t1["budget"].unique(), cfg["pairs"]["budgets"])
+    budgets = _ordered(t1["budget"].unique(), map(str, cfg["pairs"]["budgets"]))
     modes = _ordered(t1["mode"].unique(), NETWORKS)
     by_key = {(r.arch, r.version, r.budget, r.mode): r for r in t1.itertuples()}
     header = [["arch", "W acc", "V", "options"] + [(f"budget {b}", 2 * len(modes)) for b in budgets],
@@ -465,7 +484,7 @@ def _table1_html(t1: pd.DataFrame, cfg: Mapping) -> str:
     body = []
     for arch in _ordered(t1["arch"].unique(), _archs(cfg)):
         sub = t1[t1["arch"] == arch]
-        for version in _ordered(sub["version"].unique(), cfg["pairs"]["versions"]):
+        for version in _ordered(sub["version"].unique(), map(str, cfg["pairs"]["versions"])):
             first = sub[sub["version"] == version].iloc[0]
             row = [arch, _fmt(first["white_box_acc"]), version, first["options"]]
             for b in budgets:
@@ -549,7 +568,8 @@ def runtimes(benchmarks_dir) -> pd.DataFrame:
         df = pd.read_csv(path, sep="\t")
         if "s" not in df.columns:
             raise ValueError(f"{path}: not a Snakemake benchmark file (no 's' column)")
-        rule = path.relative_to(root).parts[0] if len(path.relative_to(root).parts) > 1 else path.stem
+        parts = path.relative_to(root).parts
+        rule = parts[0] if len(parts) > 1 else path.stem  # benchmarks/{rule}/... or benchmarks/{rule}.tsv
         frames.append(pd.DataFrame({"rule": rule, "s": pd.to_numeric(df["s"], errors="coerce"),
                                     "max_rss": pd.to_numeric(df.get("max_rss", np.nan), errors="coerce")}))
     runs = pd.concat(frames, ignore_index=True)
@@ -574,7 +594,7 @@ def _image(path: Path, name: str) -> str:
         raise FileNotFoundError(f"{path}: figure not found; run dptq.report.figures() before build()")
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     return (f'<figure id="{name}"><img src="data:image/png;base64,{data}" alt="{html.escape(name)}">'
-            f"<figcaption><b>{html.escape(name)}</b> (results/figures/{html.escape(name)}.png, .pdf). "
+            f"<figcaption><b>{html.escape(name)}</b> ({html.escape(name)}.png, .pdf). "
             f"{html.escape(caption(name))}</figcaption></figure>")
 
 
@@ -651,7 +671,7 @@ def build(cfg: Mapping, tables_dir, analysis_dir, figures_dir, benchmarks_dir, h
                   "highlighted pair, the cell with the largest Δ_R − Δ_D among those with |FP_R − FP_D| ≤ "
                   f"{cfg['evaluate']['highlight_max_fp_gap']} (evaluate.highlight_max_fp_gap)."),
             _table1_html(t1, cfg), images["fig1_table1"],
-            "<details><summary>Table 1, one row per pair (results/tables/table1.csv)</summary>",
+            "<details><summary>Table 1, one row per pair (table1.csv)</summary>",
             _frame_table("table1-tidy", tidy, signed=["delta"], row_classes=["hl" if h else "" for h in t1["highlighted"]]),
             "</details>"]),
         ("table2", "Table 2: transitory points", [

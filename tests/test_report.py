@@ -18,7 +18,7 @@ BUDGETS = ["A", "B", "C"]
 NETWORKS = ["white_box", "robust", "detrimental"]
 CORRUPTIONS = ["jpeg", "gaussian_blur", "brightness", "contrast", "random_erasing", "gaussian_noise",
                "rotation", "skew", "distribution_shift"]
-REMEDY_SETTINGS = ["minmax", "percentile", "percentile+flagged_fp"]
+REMEDY_SETTINGS = [("minmax", False), ("minmax", True), ("percentile", False), ("percentile", True)]
 BENCHMARK_HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time"
 
 
@@ -36,7 +36,7 @@ def _table1(layers, rng):
                 for mode in ("robust", "detrimental"):
                     fp = 95 + rng.normal()
                     delta = -abs(rng.normal()) if mode == "robust" else -30 * rng.random()
-                    rows.append(dict(arch=arch, version=version, budget=budget, mode=mode, options=f"[{lo}, {hi}]",
+                    rows.append(dict(arch=arch, version=version, budget=budget, mode=mode, options=f"{lo}-{hi}",
                                      capacity=round((level + (version != "I")) * n), fp_acc=fp, q_acc=fp + delta,
                                      delta=delta, highlighted=(version, budget) == ("II", "B"), white_box_acc=96.5))
     return pd.DataFrame(rows)
@@ -63,7 +63,7 @@ def _histograms(arch, n, rng):
             for layer in range(1, n + 1):
                 density = np.exp(-edges[:-1] * rng.uniform(1, 5))
                 density /= (density * 0.02).sum()
-                sparsity = rng.uniform(0.3, 0.9)
+                sparsity = rng.uniform(30, 90)  # % of values in the zero bin
                 rows += [dict(arch=arch, network=network, precision=precision, layer=layer, bin_left=lo,
                               bin_right=hi, density=d, sparsity=sparsity)
                          for lo, hi, d in zip(edges[:-1], edges[1:], density)]
@@ -78,8 +78,10 @@ def _corruptions(arch, rng):
 
 
 def _remedy(arch, rng):
-    return pd.DataFrame([dict(arch=arch, network=network, setting=setting, flagged_layers="3;7", q_acc=80 + 10 * rng.random(),
-                              fp_acc=95.0) for network in ("robust", "detrimental") for setting in REMEDY_SETTINGS])
+    return pd.DataFrame([dict(arch=arch, network=network, policy=network, setting=f"{rule}_keep_flagged" if keep else rule,
+                              scale_rule=rule, keep_flagged=keep, flagged_layers="7" if keep else "none",
+                              q_acc=80 + 10 * rng.random(), fp_acc=95.0)
+                         for network in ("robust", "detrimental") for rule, keep in REMEDY_SETTINGS])
 
 
 BENCHMARKS = {"train_pair/resnet18/I/A/robust.tsv": (12.5, 300.0), "train_pair/resnet18/I/A/detrimental.tsv": (20.0, 310.0),
@@ -128,15 +130,17 @@ def build_report(root: Path, layers=LAYERS, histogram_archs=HISTOGRAM_ARCHS) -> 
 
 
 class Page(HTMLParser):
-    """Tables (id -> body rows, highlighted rows and cells) and image sources of a page."""
+    """Tables (id -> body rows, highlighted rows and cells), image sources and element ids of a page."""
 
     def __init__(self, text):
         super().__init__()
-        self.tables, self.images, self._table, self._in_body = {}, [], None, False
+        self.tables, self.images, self.ids, self._table, self._in_body = {}, [], [], None, False
         self.feed(text)
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
+        if "id" in attrs:
+            self.ids.append(attrs["id"])
         if tag == "table":
             self._table = self.tables.setdefault(attrs.get("id"), {"rows": 0, "hl_rows": 0, "hl_cells": 0})
         elif tag == "tbody":
@@ -188,7 +192,8 @@ def test_html_has_every_table_and_figure(built):
     assert all(src.startswith("data:image/png;base64,") and len(src) > 10_000 for src in page.images)
     for name in report.figure_names(make_config()):
         assert f'id="{name}"' in text and report.caption(name)[:40] in text.replace("&#x27;", "'")
-    assert "http://" not in text and "https://" not in text and "<link" not in text
+    assert "http://" not in text and "https://" not in text and "<link" not in text and "<script src" not in text
+    assert len(page.ids) == len(set(page.ids))
     assert "-24.39" in text and "88.03" in text  # the paper's numbers
     assert "bin_width: 0.02" in text  # the config that made them
     assert "No activation histograms for resnet18" in text
@@ -270,3 +275,25 @@ def test_paper_reference_matches_spec():
     assert ref["transitory_pct"] == {"resnet18": 23.60, "mobilenetv4_conv_medium": 67.32, "regnetx_016": 27.09}
     assert ref["highlighted"]["mobilenetv4_conv_medium"]["detrimental"] == {"fp_acc": 84.30, "delta": -63.72}
     assert ref["table3"]["resnet18"]["detrimental"]["detrimental"] == 63.70
+
+
+def test_caption_files_are_valid_rst(tmp_path):
+    docutils = pytest.importorskip("docutils.core")
+    paths = report.caption_files(make_config(), tmp_path)
+    assert list(paths) == report.figure_names(make_config())
+    for name, path in paths.items():
+        body = docutils.publish_parts(path.read_text(), writer="html",
+                                      settings_overrides={"report_level": 2, "halt_level": 5})["body"]
+        assert "system-message" not in body, (name, body)
+        assert "|FP_R − FP_D|" in body or name != "fig1_table1"  # escaped markup renders literally
+
+
+def test_columns_match_the_writers():
+    """The report reads what evaluate and analysis write (imports torch: a few seconds)."""
+    from dptq import analysis, evaluate
+
+    written = {"table1": evaluate.TABLE1_COLUMNS, "table2": evaluate.TABLE2_COLUMNS, "table3": evaluate.TABLE3_COLUMNS,
+               "layer_scan": analysis.LAYER_SCAN_COLUMNS, "histograms": analysis.HISTOGRAM_COLUMNS,
+               "corruptions": analysis.CORRUPTION_COLUMNS, "remedy": analysis.REMEDY_COLUMNS}
+    for kind, columns in report.COLUMNS.items():
+        assert set(columns) <= set(written[kind]), kind
