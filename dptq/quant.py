@@ -75,10 +75,12 @@ def activation_range(x: Tensor, scale_rule: str = "minmax", percentile: float = 
     ``minmax``: lo = min(x), hi = max(x). ``percentile``: the p-th and (100-p)-th quantiles of each
     example (values outside are clamped by the quantizer), the remedy of the paper's Sect. 4.2.
     """
-    flat = x.detach().flatten(1)
-    if scale_rule == "minmax":
-        lo, hi = flat.amin(1), flat.amax(1)
+    x = x.detach()
+    if scale_rule == "minmax":  # reduce over all but the batch dim: no copy for channels_last
+        dims = tuple(range(1, x.dim()))
+        lo, hi = x.amin(dims), x.amax(dims)
     elif scale_rule == "percentile":
+        flat = x.flatten(1)
         m = flat.shape[1]
         k_hi = min(m, max(1, int(round(percentile / 100 * m))))
         k_lo = max(1, min(m, m - k_hi + 1))

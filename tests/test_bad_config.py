@@ -42,6 +42,7 @@ def unknown(path: str):
 
 
 def cross(case: str, overlay: dict, *fragments: str):
+    """A rule across keys (or a map's keys) that ``overlay`` breaks; the message names ``fragments``."""
     return pytest.param(overlay, list(fragments), id=case)
 
 

@@ -1,9 +1,9 @@
 """The pipeline on a real one-node SLURM through profiles/slurm (tests/slurm_cluster.py).
 
-The test node may have less memory than the profile asks of a cluster node, so every run here
-uses :func:`fitted_profile`, the shipped profile with memory capped at the node's. (GPUs come
-from the config's runtime.device, which is not cuda here.) Each run happens in a temporary copy of
-the project so that its results/ and checkpoints/ stay untouched.
+The test node has less memory than the profile asks of a cluster node, so every run here uses
+:func:`fitted_profile`, the shipped profile with memory capped at the node's share per CPU.
+(GPUs come from the config's runtime.device, which is not cuda here.) Each run happens in a
+temporary copy of the project so that its results/ and checkpoints/ stay untouched.
 """
 from __future__ import annotations
 
@@ -25,10 +25,15 @@ def slurm():
 
 
 def fitted_profile(dst: Path, node: slurm_cluster.Cluster) -> Path:
-    """profiles/slurm with every mem_mb capped at ``node``'s memory, written to ``dst``."""
+    """profiles/slurm with every mem_mb capped at ``node``'s memory per CPU, written to ``dst``.
+
+    The cap lets the node run one job per CPU, as the local run does with ``--cores`` CPUs;
+    the uncapped profile would have SLURM run the smoke DAG's jobs one at a time.
+    """
+    cap = node.mem_mb // node.cpus
 
     def fit(resources: dict) -> dict:
-        return {k: min(v, node.mem_mb) if k == "mem_mb" else v for k, v in resources.items()}
+        return {k: min(v, cap) if k == "mem_mb" else v for k, v in resources.items()}
 
     profile = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())
     profile["default-resources"] = fit(profile["default-resources"])

@@ -84,6 +84,7 @@ rule remedy:
     input:
         table1=rules.evaluate.output.table1,
         layer_scan=rules.layer_scan.output.csv,
+        network=rules.distill.output.ckpt,
         pairs=pair_checkpoints,
     output:
         csv="results/analysis/{arch}/remedy.csv",
