@@ -6,29 +6,14 @@ For each network's N (20, 59, 77) at K = 8 (version I) and the budget B capacity
 and 256: the median solve time and the policy CNN's forward time at 64 px on the same batch.
 """
 import argparse
-import statistics
-import time
 
 import torch
 
+from _timing import median_ms
 from dptq import budgets, mckp
 from dptq.policy import BitPolicy
 
 NETWORKS = {"resnet18": 20, "regnetx_016": 59, "mobilenetv4_conv_medium": 77}
-
-
-def median_ms(fn, device, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
 
 
 def main():

@@ -10,29 +10,14 @@ with channels_last, as the training does.
 """
 import argparse
 import copy
-import statistics
-import time
 
 import timm
 import torch
 
+from _timing import median_ms
 from dptq import budgets, losses, runtime
 from dptq.policy import BitPolicy, allocate
 from dptq.quant import DynamicQuant
-
-
-def median_ms(fn, device, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
 
 
 def bench(arch, size, batch, device, repeats):

@@ -87,7 +87,9 @@ class Stage:
     @torch.no_grad()
     def validate(self, loader) -> dict[str, float]:
         """Held-out metrics after an epoch; ``objective`` (lower is better) picks the best epoch."""
-        raise NotImplementedError
+        self.model.eval()
+        acc = _accuracy_pass(self, loader, self.model)
+        return {"val_acc": acc, "objective": -acc}
 
     def result(self) -> dict:
         """The final checkpoint's content (beside the weights of :meth:`modules`)."""
@@ -127,12 +129,6 @@ class TeacherStage(Stage):
         labels = labels.to(self.dev)
         return self.criterion(logits.float(), labels), (logits.argmax(1) == labels).sum()
 
-    @torch.no_grad()
-    def validate(self, loader):
-        self.model.eval()
-        acc = _accuracy_pass(self, loader, self.model)
-        return {"val_acc": acc, "objective": -acc}
-
     def result(self):
         return {"kind": "teacher", "arch": self.cfg["teacher"]["arch"], "num_classes": self.num_classes}
 
@@ -159,12 +155,6 @@ class DistillStage(Stage):
         with runtime.autocast(self.cfg, self.dev):
             logits = self.model(x)
         return kd_loss(logits, targets, self.cfg["kd"]["temperature"]), (logits.argmax(1) == targets.argmax(1)).sum()
-
-    @torch.no_grad()
-    def validate(self, loader):
-        self.model.eval()
-        acc = _accuracy_pass(self, loader, self.model)
-        return {"val_acc": acc, "objective": -acc}
 
     def result(self):
         return {"kind": "distill", "arch": self.arch, "num_classes": self.num_classes}

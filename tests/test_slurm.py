@@ -7,13 +7,14 @@ temporary copy of the project so that its results/ and checkpoints/ stay untouch
 """
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
 import slurm_cluster
-from conftest import BIN, ROOT, copy_project, run
+from conftest import BIN, ROOT, run
 
 TRIVIAL_TIMEOUT_S = 180
 
@@ -64,7 +65,10 @@ def test_trivial_job_runs_through_the_executor(slurm, tmp_path):
 @pytest.mark.slow
 def test_smoke_dag_on_slurm_matches_local_run(slurm, smoke_run, tmp_path):
     """The smoke DAG through SLURM leaves the same files as the local run, and the same Table 1."""
-    workdir = copy_project(tmp_path / "project", smoke=True)
+    # A clone of the local run's committed tree, not a fresh copy: the same code and config
+    # even if the checkout changed since the local run.
+    workdir = tmp_path / "project"
+    subprocess.run(["git", "clone", "-q", str(smoke_run), str(workdir)], check=True, capture_output=True)
     profile = fitted_profile(tmp_path / "profile", slurm)
     run([str(BIN / "snakemake"), "--workflow-profile", str(profile), "--configfile", "config/smoke.yaml"], workdir)
 

@@ -23,7 +23,9 @@ rule layer_scan:
         gpu=GPUS,
     params:
         pair_template=pair_template,
-        config_keys=config_keys(*ANALYSIS_KEYS, "analysis.layer_scan"),
+        config_keys=config_keys(
+            *ANALYSIS_KEYS, "analysis.max_examples", "analysis.layer_scan"
+        ),
     script:
         "../scripts/layer_scan.py"
 
@@ -75,7 +77,9 @@ rule corruptions:
         gpu=GPUS,
     params:
         pair_template=pair_template,
-        config_keys=config_keys(*ANALYSIS_KEYS, "analysis.corruptions"),
+        config_keys=config_keys(
+            *ANALYSIS_KEYS, "analysis.max_examples", "analysis.corruptions"
+        ),
     script:
         "../scripts/corruptions.py"
 
