@@ -64,9 +64,19 @@ def table(cfg: Mapping) -> list[dict]:
 
 
 def problems(cfg: Mapping):
-    """Config messages for every infeasible cell (used by the config check)."""
-    try:
-        table(cfg)
-    except ValueError as err:
-        yield (f"pairs.budgets / pairs.versions / pairs.budget_offset: {err}; choose a budget level a "
-               f"with min <= a + offset <= max for every version")
+    """Config messages for the first infeasible cell (used by the config check)."""
+    from .models import num_quantizable_layers
+
+    pairs = cfg["pairs"]
+    for arch in cfg["kd"]["archs"]:
+        n = num_quantizable_layers(arch)
+        for version, (low, high) in pairs["versions"].items():
+            for budget, level in pairs["budgets"].items():
+                offset = pairs["budget_offset"][version]
+                try:
+                    check_feasible(n, options(low, high), capacity(n, level, offset))
+                except ValueError as err:
+                    yield (f"pairs.budgets.{budget}: {level} with pairs.budget_offset.{version} = {offset} is infeasible "
+                           f"for arch {arch}, version {version} [{low}, {high}]: {err}; choose levels a with "
+                           f"{low} <= a + offset <= {high} for every version")
+                    return

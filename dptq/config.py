@@ -135,8 +135,10 @@ def _cross_field_problems(cfg: Mapping):
     unknown = sorted(set(cfg["analysis"]["histogram"]["archs"]) - set(archs))
     if unknown:
         yield f"analysis.histogram.archs: {unknown} are not in kd.archs ({archs})"
-    if cfg["analysis"]["histogram"]["bin_width"] > cfg["analysis"]["histogram"]["range"]:
-        yield "analysis.histogram.bin_width: larger than analysis.histogram.range; use a bin width below the range"
+    hist = cfg["analysis"]["histogram"]
+    if hist["bin_width"] > hist["range"]:
+        yield (f"analysis.histogram.bin_width: {hist['bin_width']} is larger than analysis.histogram.range "
+               f"({hist['range']}); use a bin width below the range")
     if not bad_archs:  # the budget check builds each arch to count its layers
         yield from budgets.problems(cfg)
 
