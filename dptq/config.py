@@ -87,6 +87,10 @@ def _describe(error: jsonschema.ValidationError) -> str:
     if error.validator in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
         bounds = {k: sub[k] for k in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum") if k in sub}
         return f"{where}: {value!r} is out of range; allowed: {bounds}"
+    if error.validator in ("minItems", "maxItems"):
+        low, high = sub.get("minItems", 0), sub.get("maxItems", "any")
+        shape = "[low, high]" if (low, high) == (2, 2) else f"{low}..{high} items"
+        return f"{where}: {value!r} has {len(value)} item(s); expected {shape}"
     if error.validator == "oneOf":
         return f"{where}: {value!r} has the wrong form; allowed: one of {[s.get('type', s) for s in error.validator_value]}"
     return f"{where}: {value!r}: {error.message}"
