@@ -41,7 +41,7 @@ def predict(quant: DynamicQuant, loader, cfg: Mapping, dev: torch.device, *, pol
         policy.eval()
     rule = cfg["pairs"]["policy"]["profits"]
     for images, target in loader:
-        x = normalize(images.to(dev, non_blocking=True)).contiguous(memory_format=runtime.memory_format(cfg, dev))
+        x = network_input(images, cfg, dev, normalize)
         with runtime.autocast(cfg, dev):
             if policy is None:
                 logits = quant.model(x)

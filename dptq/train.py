@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from . import budgets, checkpoint, data, models, runtime
 from .config import kd_batch_size
+from .evaluate import network_input
 from .losses import hinge_loss, kd_loss
 from .policy import BitPolicy, allocate
 from .quant import DynamicQuant
@@ -97,8 +98,7 @@ class Stage:
 
 
 def _inputs(images: Tensor, stage: Stage) -> Tensor:
-    x = data.normalize(images.to(stage.dev, non_blocking=True))
-    return x.contiguous(memory_format=runtime.memory_format(stage.cfg, stage.dev))
+    return network_input(images, stage.cfg, stage.dev)
 
 
 def _accuracy_pass(stage: Stage, loader, forward: Callable[[Tensor], Tensor]) -> float:
