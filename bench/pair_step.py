@@ -20,8 +20,8 @@ from dptq.policy import BitPolicy, allocate
 from dptq.quant import DynamicQuant
 
 
-def bench(arch, size, batch, device, repeats):
-    cfg = {"runtime": {"bf16": True, "channels_last": True}}
+def bench(arch, size, batch, device, repeats, channels_last):
+    cfg = {"runtime": {"bf16": True, "channels_last": channels_last}}
     student = runtime.to_device(timm.create_model(arch, num_classes=10), cfg, device).eval()
     teacher = copy.deepcopy(student).requires_grad_(False)
     quant = DynamicQuant(student, image_size=size)
@@ -68,13 +68,14 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(f"device={device} size={args.size} batch={args.batch} threads={args.threads}")
+    print(f"device={device} size={args.size} batch={args.batch} threads={args.threads} channels_last={args.channels_last}")
     print(f"{'arch':<26}{'N':>4}{'plain ms':>10}{'quant ms':>10}{'alloc ms':>10}{'pair ms':>10}{'quant/plain':>13}{'pair/plain':>12}")
     for arch in args.archs:
-        n, t = bench(arch, args.size, args.batch, device, args.repeats)
+        n, t = bench(arch, args.size, args.batch, device, args.repeats, args.channels_last)
         print(f"{arch:<26}{n:>4}{t['plain']:>10.1f}{t['quantized']:>10.1f}{t['policy+mckp']:>10.1f}{t['pair']:>10.1f}"
               f"{t['quantized'] / t['plain']:>13.2f}{t['pair'] / t['plain']:>12.2f}")
 

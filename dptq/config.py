@@ -125,6 +125,9 @@ def _cross_field_problems(cfg: Mapping):
     for section in ("teacher", "kd", "pairs"):
         if cfg[section]["min_lr"] > cfg[section]["lr"]:
             yield f"{section}.min_lr: {cfg[section]['min_lr']} is above {section}.lr ({cfg[section]['lr']}); the cosine schedule decays from lr down to min_lr"
+        if cfg[section]["warmup_epochs"] > cfg[section]["epochs"]:
+            yield (f"{section}.warmup_epochs: {cfg[section]['warmup_epochs']} is more than {section}.epochs "
+                   f"({cfg[section]['epochs']}); the warm-up is part of the epochs, use at most {cfg[section]['epochs']}")
     archs = list(cfg["kd"]["archs"])
     bad_archs = False
     for key, arch in [("teacher.arch", cfg["teacher"]["arch"]), *(("kd.archs", a) for a in archs)]:

@@ -7,7 +7,7 @@
 - pair: a trainable copy S of the distilled network W and a fresh policy π learn
   α · KD(S_fp, W) + β · hinge(S_q(π), W) in robust or detrimental mode.
 
-:func:`fit` runs any :class:`Stage`: per-step cosine schedule, progress bar, a metrics CSV, an
+:func:`fit` runs any :class:`Stage`: per-step warm-up and cosine schedule, progress bar, a metrics CSV, an
 atomic resume file after every epoch (and on SIGTERM, mid-epoch) holding every RNG state, so a
 killed run resumes to the same weights as one that never stopped.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import functools
 import math
 import random
 import signal
@@ -276,11 +277,21 @@ class _Sigterm:
         signal.signal(signal.SIGTERM, self.previous)
 
 
+def lr_factor(step: int, total: int, warmup: int, floor: float) -> float:
+    """lr(step) / lr: linear warm-up (step + 1) / w for the first w steps, then a half-period cosine
+    from 1 down to ``floor`` = min_lr / lr at the last step: f + (1 - f) (1 + cos(π (step - w) / (total - w))) / 2.
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
 def fit(stage: Stage, out: str | Path, metrics: str | Path) -> None:
     """Train ``stage`` for ``cfg[section].epochs`` epochs; write the checkpoint ``out`` atomically.
 
-    Resumes automatically from ``out.resume`` when present. The learning rate follows a
-    half-period cosine from ``lr`` to ``min_lr`` over all steps.
+    Resumes automatically from ``out.resume`` when present. The learning rate follows
+    :func:`lr_factor` per step.
     """
     cfg, section = stage.cfg, stage.cfg[stage.section]
     out, metrics = Path(out), Path(metrics)
@@ -291,7 +302,9 @@ def fit(stage: Stage, out: str | Path, metrics: str | Path) -> None:
     epochs = section["epochs"]
     params = [p for m in stage.modules().values() for p in m.parameters() if p.requires_grad]
     optimizer = optimizer_for(section, params)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * steps_per_epoch), eta_min=section["min_lr"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+        lr_factor, total=epochs * steps_per_epoch, warmup=round(section["warmup_epochs"] * steps_per_epoch),
+        floor=section["min_lr"] / section["lr"]))
     state = {"epoch": 0, "step": 0, "history": [], "best": None, "best_objective": math.inf, "running": [0.0, 0.0, 0]}
     resume = resume_path(out)
     if resume.exists():
@@ -320,31 +333,49 @@ def fit(stage: Stage, out: str | Path, metrics: str | Path) -> None:
             start = time.perf_counter()
             bar = tqdm(loader, desc=f"{stage.name} epoch {epoch + 1}/{epochs}", initial=state["step"], total=len(order),
                        leave=False, file=sys.stderr, mininterval=1.0)
+            pending: list[tuple[int, Tensor, Tensor]] = []  # (batch size, loss, hits) not yet read back
+            last_sync = time.perf_counter()
+
+            def sync() -> None:
+                """Read the pending steps' losses and hits back in one transfer, not one per step."""
+                if pending:
+                    losses = torch.stack([p[1] for p in pending]).double().cpu().tolist()
+                    hits = torch.stack([p[2] for p in pending]).cpu().tolist()
+                    for (n, _, _), value, hit in zip(pending, losses, hits):
+                        running[0] += value * n
+                        running[1] += hit
+                        running[2] += n
+                    pending.clear()
+
+            running = state["running"]
             for images, labels in bar:
                 if stage.mixup:
                     images = data.mixup(images, cfg["kd"]["mixup_alpha"])[0]
                 loss, correct = stage.loss(images, labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                # the one host sync of a step, after the backward is queued: a non-finite loss must
+                # not reach the weights (a NaN policy would also break the knapsack of the next step)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"{stage.name} ({out}): non-finite loss {loss.item()} at epoch {epoch + 1}, step "
                                         f"{state['step'] + 1}; the last good state is kept in {resume if resume.exists() else 'no file (first epoch)'}; "
                                         f"lower the learning rate or check the data")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
                 if stage.section == "pairs":
                     torch.nn.utils.clip_grad_norm_(params, cfg["pairs"]["grad_clip"])
                 optimizer.step()
                 scheduler.step()
-                running = state["running"]
-                running[0] += loss.item() * len(labels)
-                running[1] += float(correct)
-                running[2] += len(labels)
                 state["step"] += 1
-                bar.set_postfix(loss=f"{running[0] / running[2]:.4f}", acc=f"{100 * running[1] / running[2]:.1f}",
-                                img_s=f"{running[2] / (time.perf_counter() - start):.0f}", refresh=False)
+                pending.append((len(labels), loss.detach(), correct))
+                if time.perf_counter() - last_sync >= 1.0 or sigterm.received:
+                    sync()
+                    last_sync = time.perf_counter()
+                    bar.set_postfix(loss=f"{running[0] / running[2]:.4f}", acc=f"{100 * running[1] / running[2]:.1f}",
+                                    img_s=f"{running[2] / (last_sync - start):.0f}", refresh=False)
                 if sigterm.received:
                     save_resume()
                     raise Preempted(f"{stage.name}: SIGTERM at epoch {epoch + 1}, step {state['step']}; state saved to "
                                     f"{resume}; run the job again to resume")
+            sync()
             row = {"epoch": epoch + 1, "loss": running[0] / max(running[2], 1), "train_acc": 100 * running[1] / max(running[2], 1),
                    "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - start, 3)}
             if val_loader is not None:

@@ -110,6 +110,8 @@ CASES = [
     bad("unknown-teacher-arch", "teacher.arch", "resnet5O"),
     cross("teacher-min-lr-above-lr", {"teacher": {"lr": 1e-3, "min_lr": 1e-2}}, "teacher.min_lr", "0.01"),
     cross("pairs-min-lr-above-lr", {"pairs": {"lr": 1e-3, "min_lr": 1e-2}}, "pairs.min_lr", "0.01"),
+    cross("kd-warmup-longer-than-training", {"kd": {"epochs": 3, "warmup_epochs": 5}}, "kd.warmup_epochs", "5", "kd.epochs"),
+    bad("negative-warmup", "pairs.warmup_epochs", -1),
     cross("batch-size-map-misses-arch", at("kd.batch_size", {"resnet18": 64, "regnetx_016": 64}),
           "kd.batch_size", "mobilenetv4_conv_medium"),
     cross("histogram-arch-not-distilled", at("analysis.histogram.archs", ["resnet34"]),

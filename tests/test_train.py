@@ -1,5 +1,6 @@
 """dptq.train: each stage on a tiny problem, exact resume after a kill or SIGTERM, determinism,
 non-finite losses, and the query-only teacher."""
+import math
 import os
 import signal
 
@@ -148,3 +149,17 @@ def test_corrupt_resume_file_is_refused_not_overwritten(cfg, network, tmp_path):
 def test_wrong_arch_checkpoint_is_refused(cfg, network, tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match=r"holds arch 'resnet18', expected 'regnetx_016'"):
         train.train_pair(cfg, "regnetx_016", "II", "B", "robust", network / "resnet18.pt", tmp_path / "p.pt", tmp_path / "p.csv")
+
+
+def test_lr_factor_warms_up_linearly_then_decays_on_the_cosine():
+    # 10 steps, 4 of warm-up, min_lr / lr = 0.1: hand-computed
+    assert [train.lr_factor(s, 10, 4, 0.1) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert math.isclose(train.lr_factor(7, 10, 4, 0.1), 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 3 / 6)))
+    assert math.isclose(train.lr_factor(10, 10, 4, 0.1), 0.1)
+    # without warm-up: torch's CosineAnnealingLR over the same steps
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.5)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=12, eta_min=0.05)
+    for step in range(13):
+        assert math.isclose(opt.param_groups[0]["lr"], 0.5 * train.lr_factor(step, 12, 0, 0.1), rel_tol=1e-9), step
+        opt.step()
+        cosine.step()

@@ -23,6 +23,7 @@ rule distill:
             "kd.optimizer",
             "kd.lr",
             "kd.min_lr",
+            "kd.warmup_epochs",
             "kd.momentum",
             "kd.weight_decay",
             "kd.batch_size",

@@ -27,6 +27,7 @@ rule pair:
             "pairs.optimizer",
             "pairs.lr",
             "pairs.min_lr",
+            "pairs.warmup_epochs",
             "pairs.momentum",
             "pairs.weight_decay",
             "pairs.grad_clip",

@@ -24,10 +24,21 @@ from dptq import config as dptq_config  # noqa: E402
 
 def arguments(description: str | None, names: list[str]) -> SimpleNamespace:
     """``names`` and ``config`` (the checked config dict) of this job, from either orchestrator."""
+    sys.excepthook = _report
     smk = getattr(sys.modules["__main__"], "snakemake", None)
     args = _from_snakemake(smk, names) if smk is not None else _from_command_line(description, names)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     return args
+
+
+def _report(kind, err, tb) -> None:
+    """A fixable fault (dptq's own errors: config, checkpoint, diverged training; a missing or
+    unreadable file) is reported as its message alone, which names the file or key and the fix;
+    anything else is a bug and keeps its traceback."""
+    if kind.__module__.partition(".")[0] == "dptq" or issubclass(kind, OSError):
+        print(f"error: {err}", file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, err, tb)
 
 
 def _from_snakemake(smk, names: list[str]) -> SimpleNamespace:
