@@ -60,7 +60,8 @@ def test_sigkill_then_rerun_incomplete_resumes_to_the_same_weights_and_a_second_
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: any((workdir / ".snakemake" / "locks").glob("*")), "Snakemake's lock")
-        second = run(snakemake(TEACHER), workdir, check=False)
+        # even a run told to redo the running (hence incomplete) job is refused: the lock
+        second = run(snakemake("--rerun-incomplete", TEACHER), workdir, check=False)
         assert second.returncode != 0 and "cannot be locked" in second.stdout, second.stdout[-3000:]
 
         resume = workdir / f"{TEACHER}.resume"
@@ -76,7 +77,7 @@ def test_sigkill_then_rerun_incomplete_resumes_to_the_same_weights_and_a_second_
     # what a user does after a killed run: release the stale lock, re-run the incomplete job
     run(snakemake("--unlock", TEACHER), workdir)
     run(snakemake("--rerun-incomplete", TEACHER), workdir)
-    log = (workdir / "logs" / "teacher.log").read_text()
+    log = (workdir / "logs" / "teacher" / "teacher.log").read_text()
     assert "resuming from checkpoints/teacher.pt.resume at epoch" in log, log[-3000:]
     assert not resume.exists()
     expected, got = weights(reference / TEACHER), weights(workdir / TEACHER)
@@ -111,5 +112,5 @@ def test_damaged_teacher_checkpoint_stops_distillation_naming_the_file(tmp_path)
 ], ids=["missing-dataset", "missing-weights"])
 def test_missing_input_file_is_named_with_the_fix(tmp_path, overlay, fragments):
     workdir = project(tmp_path / "missing", **overlay)
-    text = failed_job_log(workdir, TEACHER, "logs/teacher.log")
+    text = failed_job_log(workdir, TEACHER, "logs/teacher/teacher.log")
     assert all(f in text for f in fragments), text
