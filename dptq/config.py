@@ -122,23 +122,28 @@ def _cross_field_problems(cfg: Mapping):
     extra = sorted(set(pairs["budget_offset"]) - set(pairs["versions"]))
     if extra:
         yield f"pairs.budget_offset: version(s) {extra} are not in pairs.versions ({sorted(pairs['versions'])})"
+    archs = list(cfg["kd"]["archs"])
+    for section, keys in PER_ARCH.items():
+        for key in keys:
+            value = cfg[section][key]
+            # extra archs are allowed: a profile that narrows kd.archs cannot delete map keys
+            if isinstance(value, Mapping) and set(archs) - set(value):
+                yield (f"{section}.{key}: the map has no value for {sorted(set(archs) - set(value))} of kd.archs "
+                       f"{archs}; give one value per arch, or one value for all")
     for section in ("teacher", "kd", "pairs"):
-        if cfg[section]["min_lr"] > cfg[section]["lr"]:
-            yield f"{section}.min_lr: {cfg[section]['min_lr']} is above {section}.lr ({cfg[section]['lr']}); the cosine schedule decays from lr down to min_lr"
+        lrs = cfg[section]["lr"]
+        lowest = min(lrs.values()) if isinstance(lrs, Mapping) else lrs
+        if cfg[section]["min_lr"] > lowest:
+            yield f"{section}.min_lr: {cfg[section]['min_lr']} is above {section}.lr ({lrs}); the cosine schedule decays from lr down to min_lr"
         if cfg[section]["warmup_epochs"] > cfg[section]["epochs"]:
             yield (f"{section}.warmup_epochs: {cfg[section]['warmup_epochs']} is more than {section}.epochs "
                    f"({cfg[section]['epochs']}); the warm-up is part of the epochs, use at most {cfg[section]['epochs']}")
-    archs = list(cfg["kd"]["archs"])
     bad_archs = False
     for key, arch in [("teacher.arch", cfg["teacher"]["arch"]), *(("kd.archs", a) for a in archs)]:
         if not models.exists(arch):
             bad_archs = True
             close = difflib.get_close_matches(arch, models.known_names(), 3)
             yield f"{key}: {arch!r} is not a timm model" + (f"; did you mean {close}?" if close else "; see timm.list_models()")
-    if isinstance(cfg["kd"]["batch_size"], Mapping):
-        sizes = set(cfg["kd"]["batch_size"])
-        if sizes != set(archs):
-            yield f"kd.batch_size: the map names {sorted(sizes)} but kd.archs is {archs}; give one batch size per arch, or one int for all"
     unknown = sorted(set(cfg["analysis"]["histogram"]["archs"]) - set(archs))
     if unknown:
         yield f"analysis.histogram.archs: {unknown} are not in kd.archs ({archs})"
@@ -150,7 +155,15 @@ def _cross_field_problems(cfg: Mapping):
         yield from budgets.problems(cfg)
 
 
-def kd_batch_size(cfg: Mapping, arch: str) -> int:
-    """``kd.batch_size`` is an int or a map arch -> int (the paper uses 64 for MobileNetV4)."""
-    size = cfg["kd"]["batch_size"]
-    return int(size[arch]) if isinstance(size, Mapping) else int(size)
+# Settings that may be one value for every arch or a map arch -> value (the paper distils
+# MobileNetV4 at batch 64; on digits its pairs need a lower learning rate).
+PER_ARCH = {"kd": ("batch_size",), "pairs": ("lr",)}
+
+
+def section_for(cfg: Mapping, section: str, arch: str | None) -> dict:
+    """``cfg[section]`` with every per-arch key of :data:`PER_ARCH` resolved for ``arch``."""
+    out = dict(cfg[section])
+    for key in PER_ARCH.get(section, ()):
+        if isinstance(out[key], Mapping):
+            out[key] = out[key][arch]
+    return out

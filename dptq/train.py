@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from . import budgets, checkpoint, data, models, runtime
-from .config import kd_batch_size
+from .config import section_for
 from .evaluate import network_input
 from .losses import hinge_loss, kd_loss
 from .policy import BitPolicy, allocate
@@ -68,12 +68,14 @@ class Stage:
     name: str
     section: str  # the config section with epochs, lr, ...
     mixup: bool = False
+    arch: str | None = None  # resolves the section's per-arch settings
 
     def __init__(self, cfg: Mapping, dev: torch.device):
         self.cfg, self.dev = cfg, dev
 
-    def batch_size(self) -> int:
-        return self.cfg[self.section]["batch_size"]
+    def settings(self) -> dict:
+        """The config section (epochs, lr, batch size, ...) with per-arch values resolved."""
+        return section_for(self.cfg, self.section, self.arch)
 
     def modules(self) -> dict[str, nn.Module]:
         raise NotImplementedError
@@ -142,9 +144,6 @@ class DistillStage(Stage):
         self.arch, self.num_classes = arch, teacher["num_classes"]
         self.teacher = query_only(checkpoint.network(teacher), cfg, dev)
         self.model = runtime.to_device(models.create(arch, self.num_classes), cfg, dev)
-
-    def batch_size(self):
-        return kd_batch_size(self.cfg, self.arch)
 
     def modules(self):
         return {"model": self.model}
@@ -293,10 +292,10 @@ def fit(stage: Stage, out: str | Path, metrics: str | Path) -> None:
     Resumes automatically from ``out.resume`` when present. The learning rate follows
     :func:`lr_factor` per step.
     """
-    cfg, section = stage.cfg, stage.cfg[stage.section]
+    cfg, section = stage.cfg, stage.settings()
     out, metrics = Path(out), Path(metrics)
     fit_set, val_set = data.build(cfg, "fit", augment=True), data.build(cfg, "val") if cfg["dataset"]["val_fraction"] > 0 else None
-    batch_size = stage.batch_size()
+    batch_size = section["batch_size"]
     # drop a last batch of one: BatchNorm cannot normalise a single example in train mode
     steps_per_epoch = len(data.batch_order(len(fit_set), batch_size)) - (len(fit_set) % batch_size == 1)
     epochs = section["epochs"]

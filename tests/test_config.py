@@ -25,10 +25,12 @@ def test_merge_is_deep_and_lists_replace():
     assert base["a"]["c"] == [1, 2]
 
 
-def test_kd_batch_size_per_arch():
-    cfg = {"kd": {"batch_size": {"resnet18": 256, "mobilenetv4_conv_medium": 64}}}
-    assert config.kd_batch_size(cfg, "mobilenetv4_conv_medium") == 64
-    assert config.kd_batch_size({"kd": {"batch_size": 32}}, "resnet18") == 32
+def test_per_arch_settings_resolve_for_the_arch():
+    cfg = {"kd": {"batch_size": {"resnet18": 256, "mobilenetv4_conv_medium": 64}, "epochs": 3},
+           "pairs": {"lr": 0.03}, "teacher": {"lr": {"resnet18": 1.0}}}
+    assert config.section_for(cfg, "kd", "mobilenetv4_conv_medium") == {"batch_size": 64, "epochs": 3}
+    assert config.section_for(cfg, "pairs", "resnet18") == {"lr": 0.03}
+    assert config.section_for(cfg, "teacher", None) == cfg["teacher"]  # no per-arch keys there
 
 
 def test_missing_file_and_bad_yaml(tmp_path):
