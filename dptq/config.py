@@ -92,7 +92,13 @@ def _describe(error: jsonschema.ValidationError) -> str:
         shape = "[low, high]" if (low, high) == (2, 2) else f"{low}..{high} items"
         return f"{where}: {value!r} has {len(value)} item(s); expected {shape}"
     if error.validator == "oneOf":
-        return f"{where}: {value!r} has the wrong form; allowed: one of {[s.get('type', s) for s in error.validator_value]}"
+        # a map of the right shape with one bad entry: name that entry, not the whole map
+        deepest = max(error.context, key=lambda e: len(e.absolute_path), default=None)
+        if deepest is not None and len(deepest.absolute_path) > len(error.absolute_path):
+            return _describe(deepest)
+        defs = schema()["$defs"]
+        forms = [defs[s["$ref"].rpartition("/")[2]] if "$ref" in s else s for s in error.validator_value]
+        return f"{where}: {value!r} has the wrong form; allowed: one of {[f.get('type', f) for f in forms]}"
     return f"{where}: {value!r}: {error.message}"
 
 
