@@ -129,13 +129,6 @@ def _cross_field_problems(cfg: Mapping):
     if extra:
         yield f"pairs.budget_offset: version(s) {extra} are not in pairs.versions ({sorted(pairs['versions'])})"
     archs = list(cfg["kd"]["archs"])
-    for section, keys in PER_ARCH.items():
-        for key in keys:
-            value = cfg[section][key]
-            # extra archs are allowed: a profile that narrows kd.archs cannot delete map keys
-            if isinstance(value, Mapping) and set(archs) - set(value):
-                yield (f"{section}.{key}: the map has no value for {sorted(set(archs) - set(value))} of kd.archs "
-                       f"{archs}; give one value per arch, or one value for all")
     for section in ("teacher", "kd", "pairs"):
         lrs = cfg[section]["lr"]
         lowest = min(lrs.values()) if isinstance(lrs, Mapping) else lrs
@@ -157,8 +150,16 @@ def _cross_field_problems(cfg: Mapping):
     if hist["bin_width"] > hist["range"]:
         yield (f"analysis.histogram.bin_width: {hist['bin_width']} is larger than analysis.histogram.range "
                f"({hist['range']}); use a bin width below the range")
-    if not bad_archs:  # the budget check builds each arch to count its layers
-        yield from budgets.problems(cfg)
+    if bad_archs:  # the rules below need real arch names: the budgets build each arch to count its layers
+        return
+    for section, keys in PER_ARCH.items():
+        for key in keys:
+            value = cfg[section][key]
+            # extra archs are allowed: a profile that narrows kd.archs cannot delete map keys
+            if isinstance(value, Mapping) and set(archs) - set(value):
+                yield (f"{section}.{key}: the map has no value for {sorted(set(archs) - set(value))} of kd.archs "
+                       f"{archs}; give one value per arch, or one value for all")
+    yield from budgets.problems(cfg)
 
 
 # Settings that may be one value for every arch or a map arch -> value (the paper distils

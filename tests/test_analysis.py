@@ -89,6 +89,7 @@ def tiny_config() -> dict:
                      "remedy": {"flag_drop": 0.0}},
     })
     cfg["kd"]["archs"] = [ARCH]
+    cfg["pairs"]["lr"] = 0.03  # the default's per-arch map does not name the test arch
     cfg["analysis"]["histogram"]["archs"] = [ARCH]
     cfg["pairs"]["versions"], cfg["pairs"]["budget_offset"] = {"I": [3, 10]}, {"I": 0}
     cfg["pairs"]["budgets"] = {"B": 5.5, "A": 4.0}  # out of level order: the tie rule sorts by level
