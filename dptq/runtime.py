@@ -43,7 +43,7 @@ def autocast(cfg: Mapping, dev: torch.device):
 
 def memory_format(cfg: Mapping, dev: torch.device) -> torch.memory_format:
     """``runtime.channels_last`` on any device: oneDNN's CPU convolutions gain from it too
-    (forward 1.6-2.7x at 32 px, bench/NOTES.md), as cuDNN's do under bf16."""
+    (inference 1.05-3.5x faster at 32 px, bench/NOTES.md), as cuDNN's do under bf16."""
     if cfg["runtime"]["channels_last"]:
         return torch.channels_last
     return torch.contiguous_format
