@@ -68,7 +68,7 @@ def straightforward_logits(model, x, bits, weight_bits=16):
 
 
 def compare(arch, size, batch, device):
-    cfg = {"runtime": {"bf16": True, "channels_last": True}}
+    cfg = {"runtime": {"bf16": True, "channels_last": True}, "dataset": {"image_size": size}}
     torch.manual_seed(0)
     student = runtime.to_device(timm.create_model(arch, num_classes=10), cfg, device).eval()
     teacher = copy.deepcopy(student)

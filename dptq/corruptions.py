@@ -54,6 +54,9 @@ SEVERITY: dict[str, tuple[float, ...]] = {
     "distribution_shift": (0.05, 0.1, 0.15, 0.2, 0.3),
 }
 
+# corruptions that draw nothing at random: every seed gives the same images
+SEEDLESS = frozenset({"jpeg", "gaussian_blur"})
+
 Normalize = Callable[[Tensor], Tensor]
 
 

@@ -41,9 +41,16 @@ def test_shape_dtype_range_and_reproducibility(images, name):
     assert torch.equal(out, again) and torch.equal(normalize(out), normalize_again(again))
 
 
-@pytest.mark.parametrize("name", ["brightness", "random_erasing", "gaussian_noise", "rotation", "distribution_shift"])
+@pytest.mark.parametrize("name", sorted(set(corruptions.NAMES) - corruptions.SEEDLESS))
 def test_the_seed_matters_for_random_corruptions(images, name):
     assert distance(images, name, 3, seed=1) != distance(images, name, 3, seed=2)
+
+
+@pytest.mark.parametrize("name", sorted(corruptions.SEEDLESS))
+def test_seedless_corruptions_ignore_the_seed(images, name):
+    """The analysis measures them at seed 0 only and repeats the result for the other seeds."""
+    for degree in range(1, corruptions.DEGREES + 1):
+        assert torch.equal(corruptions.corrupt(images, name, degree, seed=0)[0], corruptions.corrupt(images, name, degree, seed=7)[0])
 
 
 def test_random_corruptions_draw_per_image(images):
