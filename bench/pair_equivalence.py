@@ -3,10 +3,11 @@
     python bench/pair_equivalence.py [--archs resnet18 ...] [--size 32] [--batch 16] [--device cpu|cuda]
 
 Fast: the training's own path (policy -> batched exact MCKP -> ``DynamicQuant``: every layer's
-input quantized for the whole batch at once, weights swapped in by ``functional_call``).
-Straightforward: per example, a per-layer Python loop DP for the knapsack, the model's weights
-overwritten with ``torch.fake_quantize_per_tensor_affine`` and each layer's input quantized by the
-same torch op through forward hooks, one example at a time. Prints both losses (α·KD + β·hinge,
+input quantized for the whole batch at once, weights swapped in by ``functional_call``; the
+one-pixel convolutions folded by ``runtime.to_device``).
+Straightforward: the network as timm builds it and, per example, a per-layer Python loop DP for
+the knapsack, the model's weights overwritten with ``torch.fake_quantize_per_tensor_affine`` and
+each layer's input quantized by the same torch op through forward hooks, one example at a time. Prints both losses (α·KD + β·hinge,
 robust and detrimental) and their difference; on CUDA the fast path runs under bf16 autocast, as
 the training does, so the difference there is bf16's, not a different result.
 """
@@ -70,7 +71,8 @@ def straightforward_logits(model, x, bits, weight_bits=16):
 def compare(arch, size, batch, device):
     cfg = {"runtime": {"bf16": True, "channels_last": True}, "dataset": {"image_size": size}}
     torch.manual_seed(0)
-    student = runtime.to_device(timm.create_model(arch, num_classes=10), cfg, device).eval()
+    plain = timm.create_model(arch, num_classes=10).eval()  # the straightforward path: no folded convolutions
+    student = runtime.to_device(copy.deepcopy(plain), cfg, device).eval()
     teacher = copy.deepcopy(student)
     quant = DynamicQuant(student, image_size=size)
     options = budgets.options(4, 10)
@@ -86,14 +88,13 @@ def compare(arch, size, batch, device):
         profits = policy(x).float().cpu()
     slow_bits = torch.stack([loop_mckp(profits[i], options, capacity) for i in range(batch)])
     same_bits = torch.equal(slow_bits, bits.float().cpu())
-    q_slow = straightforward_logits(student.cpu(), x.cpu(), slow_bits)
-    fp_slow = student.cpu().float()(x.cpu().float()).detach()
+    q_slow = straightforward_logits(plain, x.cpu(), slow_bits)
+    fp_slow = plain(x.cpu().float()).detach()
     rows = []
     for mode in ("robust", "detrimental"):
         fast = (losses.kd_loss(fp.float().cpu(), targets.cpu(), 5.0) + losses.hinge_loss(q.float().cpu(), targets.cpu(), 0.1, mode)).item()
         slow = (losses.kd_loss(fp_slow, targets.cpu(), 5.0) + losses.hinge_loss(q_slow, targets.cpu(), 0.1, mode)).item()
         rows.append((mode, fast, slow))
-    student.to(device)
     max_logit_gap = (q.float().cpu() - q_slow).abs().max().item()
     return same_bits, max_logit_gap, rows
 

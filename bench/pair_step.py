@@ -1,13 +1,20 @@
-"""Pair-training step against the plain training step of the same student, measured in one run.
+"""Every training and evaluation step of the study, timed in one run, as ratios to the plain step.
 
     python bench/pair_step.py [--archs resnet18 ...] [--size 32] [--batch 64] [--threads 1]
-                              [--device cpu|cuda] [--repeats 5] [--no-channels-last] [--no-fold]
+                              [--device cpu|cuda] [--repeats 5] [--no-channels-last]
 
-Per arch: the plain step (forward + backward), the quantized forward + backward, the policy +
-MCKP, and the whole pair step (policy → MCKP → teacher forward, student full-precision and
-quantized forwards, one backward); ratios to the plain step. On CUDA it runs under bf16 autocast
-with channels_last, as the training does. ``--no-fold`` keeps the one-pixel convolutions in their
-padded form (``dptq.runtime.OnePixelConv2d``, which the training uses, is the default).
+Per arch, at one batch size (on CUDA under bf16 autocast, as the training runs):
+
+- ``plain``: the student's forward + backward alone;
+- ``quant``: the quantized forward + backward (every layer's input fake-quantized per example);
+- ``alloc``: the policy forward and the batched MCKP;
+- ``pair``: the whole pair step (policy, MCKP, W's forward, the student's full-precision and
+  quantized forwards, one backward); ``pair eval``: the same without gradients (validation);
+- ``unfolded``: the pair step with the one-pixel convolutions in their padded form (the
+  training uses ``dptq.runtime.OnePixelConv2d``; nothing folds at 224 px);
+- ``teacher fwd``: the ResNet50 teacher's forward; ``distill``: teacher forward + the student's
+  step on the KD loss; its efficiency is (plain + teacher fwd) / distill;
+- ``infer fp`` and ``infer q``: evaluation forwards (the quantized one with its allocation).
 """
 import argparse
 import copy
@@ -20,47 +27,88 @@ from dptq import budgets, losses, runtime
 from dptq.policy import BitPolicy, allocate
 from dptq.quant import DynamicQuant
 
+TEACHER = "resnet50"
 
-def bench(arch, size, batch, device, repeats, channels_last, fold):
-    cfg = {"runtime": {"bf16": True, "channels_last": channels_last}}
-    student = timm.create_model(arch, num_classes=10).to(device, memory_format=runtime.memory_format(cfg, device)).eval()
-    if fold:
-        runtime.fold_one_pixel_convs(student, size)
-    teacher = copy.deepcopy(student).requires_grad_(False)
+
+def step_times(arch: str, size: int, batch: int, device: torch.device, repeats: int = 5,
+               channels_last: bool = True, only: set[str] | None = None) -> tuple[int, dict[str, float]]:
+    """(N, {step: median ms}) for one arch at ``size`` px and ``batch`` images per step
+    (every step of the module docstring, or the ``only`` ones)."""
+    cfg = {"runtime": {"bf16": True, "channels_last": channels_last}, "dataset": {"image_size": size}}
+    fmt = runtime.memory_format(cfg, device)
+    plain_student = timm.create_model(arch, num_classes=10).to(device, memory_format=fmt).eval()
+    student = runtime.to_device(copy.deepcopy(plain_student), cfg, device)
+    teacher = runtime.to_device(timm.create_model(TEACHER, num_classes=10), cfg, device).eval().requires_grad_(False)
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
+    amp = runtime.autocast(cfg, device)
     quant = DynamicQuant(student, image_size=size)
     options = budgets.options(4, 10)
     capacity = budgets.capacity(quant.num_layers, 5.5, 1)
     policy = BitPolicy(quant.num_layers, len(options), 64, 32).to(device)
-    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=runtime.memory_format(cfg, device))
     bits = torch.full((batch, quant.num_layers), 6.0, device=device)
-    amp = runtime.autocast(cfg, device)
+
+    def backward(out):
+        out.float().square().mean().backward()
 
     def plain():
         with amp:
             out = student(x)
-        out.float().square().mean().backward()
+        backward(out)
 
     def quantized():
         with amp:
             out = quant(x, bits)
-        out.float().square().mean().backward()
+        backward(out)
 
     def allocation():
         with torch.no_grad(), amp:
             allocate(policy, x, options, capacity)
 
+    def pair_loss(w, net, q):
+        with torch.no_grad(), amp:
+            targets = w(x).float()
+        with amp:
+            b = allocate(policy, x, options, capacity)
+            fp, qo = net(x), q(x, b)
+        return losses.kd_loss(fp, targets, 5.0) + losses.hinge_loss(qo, targets, 0.1, "robust")
+
+    w = copy.deepcopy(student).requires_grad_(False)
+    w_unfolded, unfolded_quant = copy.deepcopy(plain_student).requires_grad_(False), DynamicQuant(plain_student, image_size=size)
+
     def pair():
+        pair_loss(w, student, quant).backward()
+
+    def pair_unfolded():
+        pair_loss(w_unfolded, plain_student, unfolded_quant).backward()
+
+    def pair_eval():
+        with torch.no_grad():
+            pair_loss(w, student, quant)
+
+    def teacher_forward():
+        with torch.no_grad(), amp:
+            teacher(x)
+
+    def distill():
         with torch.no_grad(), amp:
             targets = teacher(x).float()
         with amp:
-            b = allocate(policy, x, options, capacity)
-            fp, q = student(x), quant(x, b)
-        loss = losses.kd_loss(fp, targets, 5.0) + losses.hinge_loss(q, targets, 0.1, "robust")
-        loss.backward()
+            out = student(x)
+        losses.kd_loss(out, targets, 5.0).backward()
 
-    times = {name: median_ms(fn, device, repeats) for name, fn in
-             [("plain", plain), ("quantized", quantized), ("policy+mckp", allocation), ("pair", pair)]}
-    return quant.num_layers, times
+    def infer_fp():
+        with torch.no_grad(), amp:
+            student(x)
+
+    def infer_q():
+        with torch.no_grad(), amp:
+            quant(x, allocate(policy, x, options, capacity))
+
+    steps = [("plain", plain), ("quant", quantized), ("alloc", allocation), ("pair", pair), ("pair eval", pair_eval),
+             ("teacher fwd", teacher_forward), ("distill", distill), ("infer fp", infer_fp), ("infer q", infer_q)]
+    if any(isinstance(m, runtime.OnePixelConv2d) for m in student.modules()):
+        steps.append(("unfolded", pair_unfolded))
+    return quant.num_layers, {name: median_ms(fn, device, repeats) for name, fn in steps if only is None or name in only}
 
 
 def main():
@@ -72,16 +120,19 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--fold", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(f"device={device} size={args.size} batch={args.batch} threads={args.threads} channels_last={args.channels_last} fold={args.fold}")
-    print(f"{'arch':<26}{'N':>4}{'plain ms':>10}{'quant ms':>10}{'alloc ms':>10}{'pair ms':>10}{'quant/plain':>13}{'pair/plain':>12}")
+    print(f"device={device} size={args.size} batch={args.batch} threads={args.threads} channels_last={args.channels_last}")
+    print(f"{'arch':<24}{'N':>4}{'plain':>8}{'quant':>8}{'alloc':>8}{'pair':>8}{'quant/':>8}{'pair/':>7}{'unfolded/':>11}"
+          f"{'teacher':>9}{'distill':>9}{'(plain+teacher)/':>18}")
+    print(f"{'':<24}{'':>4}{'ms':>8}{'ms':>8}{'ms':>8}{'ms':>8}{'plain':>8}{'plain':>7}{'pair':>11}{'fwd ms':>9}{'ms':>9}{'distill':>18}")
     for arch in args.archs:
-        n, t = bench(arch, args.size, args.batch, device, args.repeats, args.channels_last, args.fold)
-        print(f"{arch:<26}{n:>4}{t['plain']:>10.1f}{t['quantized']:>10.1f}{t['policy+mckp']:>10.1f}{t['pair']:>10.1f}"
-              f"{t['quantized'] / t['plain']:>13.2f}{t['pair'] / t['plain']:>12.2f}")
+        n, t = step_times(arch, args.size, args.batch, device, args.repeats, args.channels_last)
+        unfolded = f"{t['unfolded'] / t['pair']:.2f}" if "unfolded" in t else "-"
+        print(f"{arch:<24}{n:>4}{t['plain']:>8.1f}{t['quant']:>8.1f}{t['alloc']:>8.1f}{t['pair']:>8.1f}"
+              f"{t['quant'] / t['plain']:>8.2f}{t['pair'] / t['plain']:>7.2f}{unfolded:>11}"
+              f"{t['teacher fwd']:>9.1f}{t['distill']:>9.1f}{(t['plain'] + t['teacher fwd']) / t['distill']:>18.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,108 @@
+"""dptq.runtime: the one-pixel convolution rewrite against the ordinary padded convolution in
+float64 (outputs and every gradient), where it applies and where it must not."""
+import copy
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from dptq import runtime
+from dptq.quant import DynamicQuant
+
+
+class Tail(nn.Module):
+    """A stem that shrinks the image to ``side`` x ``side``, then the convolution under test."""
+
+    def __init__(self, conv: nn.Conv2d, side: int):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, conv.in_channels, 3, padding=1), nn.AdaptiveAvgPool2d(side))
+        self.conv = conv
+
+    def forward(self, x):
+        return self.conv(self.stem(x))
+
+
+def grads_and_output(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    model.zero_grad()
+    out = model(x)
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+    return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+# (side of the conv's input, conv, whether the rewrite applies)
+CASES = [
+    (1, nn.Conv2d(8, 6, 3, padding=1), True),                       # the ResNet last stage at 32 px
+    (1, nn.Conv2d(8, 8, 5, padding=2, groups=8, bias=False), True),  # depthwise 5x5
+    (1, nn.Conv2d(8, 6, 3, padding=1, groups=2), True),             # grouped
+    (2, nn.Conv2d(8, 6, 3, stride=2, padding=1), True),             # stride 2 on a 2x2 map: 1x1 out
+    (2, nn.Conv2d(8, 6, 5, stride=2, padding=2), True),
+    (1, nn.Conv2d(8, 6, 1), False),                                 # already a matrix product
+    (2, nn.Conv2d(8, 6, 2), False),                                 # kernel = input, no padding
+    (2, nn.Conv2d(8, 6, 3, padding=1), False),                      # 2x2 out
+    (3, nn.Conv2d(8, 6, 3, stride=2, padding=1), False),            # 2x2 out
+    (2, nn.Conv2d(8, 6, 3, stride=2, padding=1, padding_mode="reflect"), False),
+    (1, nn.Conv2d(8, 6, 3, padding=2, dilation=2), False),
+]
+
+
+@pytest.mark.parametrize("side, conv, applies", CASES, ids=[f"side{s}-{c}" for s, c, _ in CASES])
+def test_fold_is_exact_where_it_applies(side, conv, applies):
+    torch.manual_seed(0)
+    plain = Tail(conv, side).double()
+    folded = copy.deepcopy(plain)
+    assert runtime.fold_one_pixel_convs(folded, 8) == int(applies)
+    assert isinstance(folded.conv, runtime.OnePixelConv2d) == applies
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    out, grads = grads_and_output(plain, x)
+    out_f, grads_f = grads_and_output(folded, x)
+    torch.testing.assert_close(out_f, out, rtol=1e-12, atol=1e-12)
+    for g, g_f in zip(grads, grads_f):
+        torch.testing.assert_close(g_f, g, rtol=1e-12, atol=1e-12)
+    if applies:  # the taps that never meet a pixel get exactly no gradient
+        (ph, pw), (h, w) = conv.padding, folded.conv.input_hw
+        dead = torch.ones_like(folded.conv.weight.grad, dtype=torch.bool)
+        dead[:, :, ph:ph + h, pw:pw + w] = False
+        assert folded.conv.weight.grad[dead].abs().max() == 0
+
+
+def test_other_input_sizes_take_the_ordinary_path():
+    torch.manual_seed(0)
+    plain = Tail(nn.Conv2d(8, 6, 3, padding=1), 1).double()
+    folded = copy.deepcopy(plain)
+    runtime.fold_one_pixel_convs(folded, 8)
+    plain.stem[1].output_size = folded.stem[1].output_size = 3  # now a 3x3 map reaches the conv
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(folded(x), plain(x), rtol=1e-12, atol=1e-12)
+    assert folded(x).shape[-2:] == (3, 3)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenetv4_conv_medium"])
+def test_timm_network_folded_equals_plain_full_precision_and_quantized(arch):
+    """At 32 px the last stages see 1x1 and 2x2 maps; logits, quantized logits and gradients
+    agree with the unfolded network in float64, the state dict is untouched."""
+    torch.manual_seed(0)
+    plain = timm.create_model(arch, num_classes=10).eval()
+    folded = copy.deepcopy(plain)
+    assert runtime.fold_one_pixel_convs(folded, 32) > 0
+    assert {k: v.shape for k, v in folded.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+    q_plain, q_folded = DynamicQuant(plain, image_size=32), DynamicQuant(folded, image_size=32)  # probes in float32
+    plain.double(), folded.double()
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    out, grads = grads_and_output(plain, x)
+    out_f, grads_f = grads_and_output(folded, x)
+    torch.testing.assert_close(out_f, out, rtol=1e-10, atol=1e-10)
+    for g, g_f in zip(grads, grads_f):
+        torch.testing.assert_close(g_f, g, rtol=1e-9, atol=1e-10)
+    bits = torch.randint(3, 9, (3, q_plain.num_layers)).double()
+    torch.testing.assert_close(q_folded(x, bits), q_plain(x, bits), rtol=1e-10, atol=1e-10)
+
+
+def test_to_device_folds_for_the_configured_image_size():
+    cfg = {"runtime": {"channels_last": True}, "dataset": {"image_size": 32}}
+    model = runtime.to_device(timm.create_model("resnet18", num_classes=10), cfg, torch.device("cpu"))
+    assert any(isinstance(m, runtime.OnePixelConv2d) for m in model.modules())
+    assert isinstance(copy.deepcopy(model).layer4[1].conv1, runtime.OnePixelConv2d)
+    cfg["dataset"]["image_size"] = 224  # the last stage sees 7x7: nothing to fold
+    model = runtime.to_device(timm.create_model("resnet18", num_classes=10), cfg, torch.device("cpu"))
+    assert not any(isinstance(m, runtime.OnePixelConv2d) for m in model.modules())
