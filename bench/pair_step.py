@@ -1,7 +1,7 @@
 """Every training and evaluation step of the study, timed in one run, as ratios to the plain step.
 
     python bench/pair_step.py [--archs resnet18 ...] [--size 32] [--batch 64] [--threads 1]
-                              [--device cpu|cuda] [--repeats 5] [--no-channels-last]
+                              [--device cpu|cuda] [--repeats 5] [--no-channels-last] [--teacher resnet50]
 
 Per arch, at one batch size (on CUDA under bf16 autocast, as the training runs):
 
@@ -12,7 +12,7 @@ Per arch, at one batch size (on CUDA under bf16 autocast, as the training runs):
   quantized forwards, one backward); ``pair eval``: the same without gradients (validation);
 - ``unfolded``: the pair step with the one-pixel convolutions in their padded form (the
   training uses ``dptq.runtime.OnePixelConv2d``; nothing folds at 224 px);
-- ``teacher fwd``: the ResNet50 teacher's forward; ``distill``: teacher forward + the student's
+- ``teacher fwd``: the teacher's forward (``--teacher``); ``distill``: teacher forward + the student's
   step on the KD loss; its efficiency is (plain + teacher fwd) / distill;
 - ``infer fp`` and ``infer q``: evaluation forwards (the quantized one with its allocation).
 """
@@ -27,18 +27,15 @@ from dptq import budgets, losses, runtime
 from dptq.policy import BitPolicy, allocate
 from dptq.quant import DynamicQuant
 
-TEACHER = "resnet50"
-
-
-def step_times(arch: str, size: int, batch: int, device: torch.device, repeats: int = 5,
-               channels_last: bool = True, only: set[str] | None = None) -> tuple[int, dict[str, float]]:
+def step_times(arch: str, size: int, batch: int, device: torch.device, repeats: int = 5, channels_last: bool = True,
+               only: set[str] | None = None, teacher_arch: str = "resnet50") -> tuple[int, dict[str, float]]:
     """(N, {step: median ms}) for one arch at ``size`` px and ``batch`` images per step
     (every step of the module docstring, or the ``only`` ones)."""
     cfg = {"runtime": {"bf16": True, "channels_last": channels_last}, "dataset": {"image_size": size}}
     fmt = runtime.memory_format(cfg, device)
     plain_student = timm.create_model(arch, num_classes=10).to(device, memory_format=fmt).eval()
     student = runtime.to_device(copy.deepcopy(plain_student), cfg, device)
-    teacher = runtime.to_device(timm.create_model(TEACHER, num_classes=10), cfg, device).eval().requires_grad_(False)
+    teacher = runtime.to_device(timm.create_model(teacher_arch, num_classes=10), cfg, device).eval().requires_grad_(False)
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
     amp = runtime.autocast(cfg, device)
     quant = DynamicQuant(student, image_size=size)
@@ -120,6 +117,7 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--teacher", default="resnet50")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -128,7 +126,7 @@ def main():
           f"{'teacher':>9}{'distill':>9}{'(plain+teacher)/':>18}")
     print(f"{'':<24}{'':>4}{'ms':>8}{'ms':>8}{'ms':>8}{'ms':>8}{'plain':>8}{'plain':>7}{'pair':>11}{'fwd ms':>9}{'ms':>9}{'distill':>18}")
     for arch in args.archs:
-        n, t = step_times(arch, args.size, args.batch, device, args.repeats, args.channels_last)
+        n, t = step_times(arch, args.size, args.batch, device, args.repeats, args.channels_last, teacher_arch=args.teacher)
         unfolded = f"{t['unfolded'] / t['pair']:.2f}" if "unfolded" in t else "-"
         print(f"{arch:<24}{n:>4}{t['plain']:>8.1f}{t['quant']:>8.1f}{t['alloc']:>8.1f}{t['pair']:>8.1f}"
               f"{t['quant'] / t['plain']:>8.2f}{t['pair'] / t['plain']:>7.2f}{unfolded:>11}"

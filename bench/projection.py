@@ -10,7 +10,7 @@ smaller batch stands in, which overestimates a GPU's cost). The split sizes are 
 own, or Oxford-IIIT Pet's published ones (trainval 3,680, test 3,669) where it is not on this
 machine. With n_fit = n - n_val, n_val = round(v · n):
 
-- teacher: E_T · ⌈n_fit / b_T⌉ plain ResNet50 steps + E_T · n_val teacher forwards;
+- teacher: E_T · ⌈n_fit / b_T⌉ training steps of ``teacher.arch`` + E_T · n_val teacher forwards;
 - distill (per arch): E_KD · ⌈n_fit / b_KD⌉ distillation steps + E_KD · n_val forwards;
 - pairs (per arch): P = |versions| · |budgets| · |modes| runs of E_P · ⌈n_fit / b_P⌉ pair steps
   + E_P · n_val pair evaluations;
@@ -30,7 +30,7 @@ import torch
 
 from dptq import config, corruptions, data
 from dptq.config import section_for
-from pair_step import TEACHER, step_times
+from pair_step import step_times
 
 
 PETS_SIZES = {"train": 3680, "test": 3669}
@@ -62,7 +62,7 @@ def project(cfg, arch_times, teacher_times, n_layers, n_train, n_test) -> dict[t
     split_sizes = {"train": n_train, "test": n_test}
     corrupted_passes = 1 + sum(c["degrees"] * (1 if name in corruptions.SEEDLESS else c["seeds"]) for name in c["names"])
     t = cfg["teacher"]
-    seconds = {("teacher", TEACHER): t["epochs"] * (math.ceil(n_fit / t["batch_size"]) * t["batch_size"] * teacher_times["plain"]
+    seconds = {("teacher", t["arch"]): t["epochs"] * (math.ceil(n_fit / t["batch_size"]) * t["batch_size"] * teacher_times["plain"]
                                                     + n_val * teacher_times["infer fp"]) / 1000}
     for arch, ms in arch_times.items():
         kd, pr = section_for(cfg, "kd", arch), section_for(cfg, "pairs", arch)
@@ -98,10 +98,11 @@ def main():
           f"config={' + '.join(args.config)} size={size} max_batch={args.max_batch}")
 
     def timed(arch, batch, steps):
-        n, times = step_times(arch, size, cap(batch), device, args.repeats, cfg["runtime"]["channels_last"], only=set(steps))
+        n, times = step_times(arch, size, cap(batch), device, args.repeats, cfg["runtime"]["channels_last"], only=set(steps),
+                              teacher_arch=cfg["teacher"]["arch"])
         return n, per_image(times, cap(batch))
 
-    _, teacher_times = timed(TEACHER, cfg["teacher"]["batch_size"], ["plain", "infer fp"])
+    _, teacher_times = timed(cfg["teacher"]["arch"], cfg["teacher"]["batch_size"], ["plain", "infer fp"])
     arch_times, n_layers = {}, {}
     for arch in cfg["kd"]["archs"]:
         n_layers[arch], kd_times = timed(arch, section_for(cfg, "kd", arch)["batch_size"], ["distill"])

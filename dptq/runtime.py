@@ -66,9 +66,10 @@ class OnePixelConv2d(nn.Conv2d):
     Zero padding contributes nothing, so with padding (p_h, p_w) the output is exactly
     y[o] = b[o] + Σ_{c,i,j} w[o, c, p_h + i, p_w + j] · x[c, i, j], i < H, j < W: a convolution
     with the kernel slice w[:, :, p_h:p_h+H, p_w:p_w+W] and no padding, and the gradient of every
-    other tap is exactly zero. oneDNN's CPU backward of the padded form is 5-15x slower than the
-    sliced one (a 3x3 convolution on a 1x1 map: the last stage of ResNets at 32 px); any other
-    input size takes the ordinary path.
+    other tap is exactly zero. Why bother: oneDNN's CPU backward of the padded form is
+    pathological (ResNet18's 3x3 convolutions on the 1x1 maps of its last stage at 32 px: 53 ms
+    per backward against 3 ms per forward, bench/NOTES.md). Any other input size takes the
+    ordinary path.
     """
 
     input_hw: tuple[int, int]

@@ -64,6 +64,6 @@ def test_scripts_run():
     """Each bench script on a tiny setting: it runs and prints its table (numbers not checked)."""
     assert "resnet18" in run("pair_step.py", "--archs", "resnet18", "--size", "16", "--batch", "2", "--repeats", "1")
     assert "total" in run("projection.py", "--config", "../config.yaml", "../config/smoke.yaml", "--max-batch", "2", "--repeats", "1")
-    assert "images/s" in run("input_pipeline.py", "--images", "8", "--workers", "0", "--config", "../config.yaml", "../config/paper.yaml")
+    assert "images/s" in run("input_pipeline.py", "--images", "40", "--workers", "0", "--config", "../config.yaml", "../config/paper.yaml")
     assert "same bits" in run("pair_equivalence.py", "--archs", "resnet18", "--size", "16", "--batch", "2")
     assert "77" in run("mckp.py", "--repeats", "1")
