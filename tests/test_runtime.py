@@ -30,6 +30,15 @@ def grads_and_output(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, l
     return out.detach(), [p.grad.clone() for p in model.parameters()]
 
 
+def assert_same_outputs_and_grads(plain: nn.Module, folded: nn.Module, x: torch.Tensor, out_tol: float,
+                                  grad_rtol: float, grad_atol: float) -> None:
+    out, grads = grads_and_output(plain, x)
+    out_f, grads_f = grads_and_output(folded, x)
+    torch.testing.assert_close(out_f, out, rtol=out_tol, atol=out_tol)
+    for g, g_f in zip(grads, grads_f):
+        torch.testing.assert_close(g_f, g, rtol=grad_rtol, atol=grad_atol)
+
+
 # (side of the conv's input, conv, whether the rewrite applies)
 CASES = [
     (1, nn.Conv2d(8, 6, 3, padding=1), True),                       # the ResNet last stage at 32 px
@@ -53,12 +62,7 @@ def test_fold_is_exact_where_it_applies(side, conv, applies):
     folded = copy.deepcopy(plain)
     assert runtime.fold_one_pixel_convs(folded, 8) == int(applies)
     assert isinstance(folded.conv, runtime.OnePixelConv2d) == applies
-    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
-    out, grads = grads_and_output(plain, x)
-    out_f, grads_f = grads_and_output(folded, x)
-    torch.testing.assert_close(out_f, out, rtol=1e-12, atol=1e-12)
-    for g, g_f in zip(grads, grads_f):
-        torch.testing.assert_close(g_f, g, rtol=1e-12, atol=1e-12)
+    assert_same_outputs_and_grads(plain, folded, torch.randn(4, 3, 8, 8, dtype=torch.float64), 1e-12, 1e-12, 1e-12)
     if applies:  # the taps that never meet a pixel get exactly no gradient
         (ph, pw), (h, w) = conv.padding, folded.conv.input_hw
         dead = torch.ones_like(folded.conv.weight.grad, dtype=torch.bool)
@@ -89,11 +93,7 @@ def test_timm_network_folded_equals_plain_full_precision_and_quantized(arch):
     q_plain, q_folded = DynamicQuant(plain, image_size=32), DynamicQuant(folded, image_size=32)  # probes in float32
     plain.double(), folded.double()
     x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
-    out, grads = grads_and_output(plain, x)
-    out_f, grads_f = grads_and_output(folded, x)
-    torch.testing.assert_close(out_f, out, rtol=1e-10, atol=1e-10)
-    for g, g_f in zip(grads, grads_f):
-        torch.testing.assert_close(g_f, g, rtol=1e-9, atol=1e-10)
+    assert_same_outputs_and_grads(plain, folded, x, 1e-10, 1e-9, 1e-10)
     bits = torch.randint(3, 9, (3, q_plain.num_layers)).double()
     torch.testing.assert_close(q_folded(x, bits), q_plain(x, bits), rtol=1e-10, atol=1e-10)
 
