@@ -1,17 +1,20 @@
-"""Analyses of the paper's Sect. 4.2-4.3 on the highlighted pairs (SPEC §2, Fig. 2-4).
+"""Analyses of the paper's Sect. 4.2-4.3 on the highlighted pairs (docs/method.md §2.16-2.19, Fig. 2-4).
 
 - :func:`layer_scan` (Fig. 2): quantize only some layers (``before`` / ``after`` / ``single``);
 - :func:`histograms` (Fig. 3): input-activation histograms at FP and quantized, with sparsity;
 - :func:`corruptions` (Fig. 4): accuracy under nine corruptions of growing degree;
 - :func:`remedy` (the fix that Sect. 4.2 proposes): percentile scale, flagged layers kept at FP.
 
-Each writes one tidy CSV (one observation per row) under ``results/analysis/{arch}/``. The
-policy's bits are computed once per batch and shared by every setting evaluated on it.
+Each writes one tidy CSV (one observation per row, the training seed in the first column) for
+one (seed, arch). The policy's bits are computed once per batch and shared by every setting
+evaluated on it. The seeded subsets and corruptions draw from ``dataset.split_seed``, so every
+training seed is measured on the same images.
 """
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,42 +23,74 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import data, evaluate, runtime
+from . import checkpoint, data, evaluate
+from .checkpoint import Pair
 from .corruptions import SEEDLESS, corrupt
-from .evaluate import Pair
+from .data import Data
 from .policy import allocate
 from .quant import DynamicQuant
+from .runtime import Runtime
 
 MODES = ("robust", "detrimental")
 SCANS = ("before", "after", "single")
-LAYER_SCAN_COLUMNS = ["arch", "network", "split", "scan", "layer", "relative_depth", "acc"]
-HISTOGRAM_COLUMNS = ["arch", "network", "precision", "layer", "bin_left", "bin_right", "density", "sparsity"]
-CORRUPTION_COLUMNS = ["arch", "network", "precision", "corruption", "degree", "seed", "acc"]
-REMEDY_COLUMNS = ["arch", "network", "policy", "setting", "scale_rule", "keep_flagged", "flagged_layers", "q_acc", "fp_acc"]
+LAYER_SCAN_COLUMNS = ["seed", "arch", "network", "split", "scan", "layer", "relative_depth", "acc"]
+HISTOGRAM_COLUMNS = ["seed", "arch", "network", "precision", "layer", "bin_left", "bin_right", "density", "sparsity"]
+CORRUPTION_COLUMNS = ["seed", "arch", "network", "precision", "corruption", "degree", "corruption_seed", "acc"]
+REMEDY_COLUMNS = ["seed", "arch", "network", "policy", "setting", "scale_rule", "keep_flagged", "flagged_layers", "q_acc", "fp_acc"]
 
 
 # --- shared plumbing -----------------------------------------------------------------------------
 
-def highlighted_pairs(cfg: Mapping, arch: str, table1: str | Path, pairs: str | Path, dev: torch.device) -> dict[str, Pair]:
-    """The robust and detrimental pairs of ``arch``'s highlighted cell in ``table1`` (a CSV path)."""
+@dataclass
+class Job:
+    """What every analysis pass needs: the runtime, the data, the config's ``quant`` section, the
+    policies' profit rule and the inference batch size."""
+
+    seed: int
+    rt: Runtime
+    data: Data
+    quant: Mapping
+    profits: str
+    batch_size: int
+
+    @classmethod
+    def start(cls, seed: int, *, dataset: Mapping, runtime: Mapping, quant: Mapping, profits: str,
+              batch_size: int) -> "Job":
+        return cls(seed, Runtime(seed, **runtime), Data(**dataset), dict(quant), profits, batch_size)
+
+    def pair(self, path) -> Pair:
+        return checkpoint.pair(path, self.rt, self.data.image_size, self.quant)
+
+
+def highlighted_pairs(job: Job, table1: str | Path, pairs: Sequence[str | Path]) -> dict[str, Pair]:
+    """The robust and detrimental pairs of the highlighted cell of ``table1`` (one arch's CSV),
+    found among the checkpoints ``pairs`` by the cell each was trained for."""
     table = evaluate.read_table(table1)
-    rows = table[(table["arch"] == arch) & table["highlighted"].astype(bool)]
+    rows = table[table["highlighted"].astype(bool)]
     cells = set(zip(rows["version"], rows["budget"]))
     if len(cells) != 1 or set(rows["mode"]) != set(MODES):
-        raise ValueError(f"{table1}: expected one highlighted cell with a robust and a detrimental row for {arch}, "
-                         f"found {len(rows)} highlighted rows; re-run the evaluate job for {arch}")
+        raise ValueError(f"{table1}: expected one highlighted cell with a robust and a detrimental row, "
+                         f"found {len(rows)} highlighted rows; re-run the evaluate job that writes it")
     version, budget = cells.pop()
-    return {mode: evaluate.load_pair(cfg, arch, evaluate.pair_path(pairs, version, budget, mode), dev, version, budget, mode)
-            for mode in MODES}
+    found = {}
+    for path in pairs:
+        cell = checkpoint.cell(path)
+        if (cell["version"], cell["budget"]) == (version, budget):
+            found[cell["mode"]] = path
+    missing = sorted(set(MODES) - set(found))
+    if missing:
+        raise ValueError(f"{table1}: the highlighted cell {version}-{budget} has no {missing} pair among the "
+                         f"{len(pairs)} checkpoints given; re-run the pair jobs of that cell")
+    return {mode: job.pair(found[mode]) for mode in MODES}
 
 
-def bits(pair: Pair, x: Tensor, cfg: Mapping) -> Tensor:
+def bits(pair: Pair, x: Tensor, job: Job) -> Tensor:
     """The pair's own allocation for the network input ``x``: one batched MCKP call."""
-    return allocate(pair.policy, x, pair.options, pair.capacity, cfg["pairs"]["policy"]["profits"])
+    return allocate(pair.policy, x, pair.options, pair.capacity, job.profits)
 
 
 @torch.no_grad()
-def accuracies(loader, cfg: Mapping, dev: torch.device, run_batch: Callable[[Tensor], Tensor],
+def accuracies(loader, job: Job, run_batch: Callable[[Tensor], Tensor],
                corrupt_batch: Callable | None = None, desc: str = "") -> Tensor:
     """Top-1 accuracy in percent of every prediction set that ``run_batch`` makes, over ``loader``.
 
@@ -68,8 +103,8 @@ def accuracies(loader, cfg: Mapping, dev: torch.device, run_batch: Callable[[Ten
         normalize = data.normalize
         if corrupt_batch is not None:
             images, normalize = corrupt_batch(images, index)
-        x = evaluate.network_input(images, cfg, dev, normalize)
-        with runtime.autocast(cfg, dev):
+        x = data.network_input(images, job.rt, normalize)
+        with job.rt.autocast():
             preds = run_batch(x)
         correct = correct + (preds.cpu() == target).sum(1)
         total += len(target)
@@ -82,18 +117,20 @@ def _write(rows: list[dict], columns: Sequence[str], out: str | Path) -> None:
     pd.DataFrame(rows, columns=list(columns)).to_csv(out, index=False)
 
 
-def _test_loader(cfg: Mapping):
-    return data.loader(data.build(cfg, "test"), cfg["evaluate"]["batch_size"], cfg)
+def _test_loader(job: Job):
+    return job.data.loader(job.data.build("test"), job.batch_size, job.rt)
 
 
-def _scan_loader(cfg: Mapping, split: str):
+def _scan_loader(job: Job, split: str, max_examples: int):
     """The split for the costly analyses (N·3 passes per network for the scan, dozens for the
-    corruptions): at most ``analysis.max_examples`` examples (0: all), a seeded random subset."""
-    dataset, limit = data.build(cfg, split), cfg["analysis"]["max_examples"]
-    if 0 < limit < len(dataset):
-        keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg["seed"]))[:limit].sort().values
+    corruptions): at most ``max_examples`` examples (0: all), a random subset seeded with
+    ``dataset.split_seed``."""
+    dataset = job.data.build(split)
+    if 0 < max_examples < len(dataset):
+        generator = torch.Generator().manual_seed(job.data.split_seed)
+        keep = torch.randperm(len(dataset), generator=generator)[:max_examples].sort().values
         dataset = torch.utils.data.Subset(dataset, keep.tolist())
-    return data.loader(dataset, cfg["evaluate"]["batch_size"], cfg)
+    return job.data.loader(dataset, job.batch_size, job.rt)
 
 
 # --- Fig. 2: layer scan --------------------------------------------------------------------------
@@ -111,28 +148,28 @@ def scan_masks(n: int, kind: str, layer: int) -> list[bool]:
     return [keep[kind](i) for i in range(1, n + 1)]
 
 
-def _scan_batch(pair: Pair, masks: Sequence[Sequence[bool]], cfg: Mapping, x: Tensor) -> Tensor:
-    b = bits(pair, x, cfg)
+def _scan_batch(pair: Pair, masks: Sequence[Sequence[bool]], job: Job, x: Tensor) -> Tensor:
+    b = bits(pair, x, job)
     return torch.stack([pair.quant(x, b, mask).argmax(1) for mask in masks])
 
 
-def layer_scan(cfg: Mapping, arch: str, table1: str | Path, pairs: str | Path, out: str | Path) -> None:
+def layer_scan(job: Job, table1: str | Path, pairs: Sequence[str | Path], out: str | Path, *,
+               max_examples: int, splits: Sequence[str]) -> None:
     """Fig. 2: accuracy of the highlighted R and D networks, own policy, with only some layers quantized.
 
-    One row per (network, split, scan, layer); ``relative_depth`` = l / N. The splits are
-    ``analysis.layer_scan.splits`` ("train" without augmentation).
+    One row per (network, split, scan, layer); ``relative_depth`` = l / N. ``splits``: "train"
+    (without augmentation) and/or "test", each on its seeded subset of ``max_examples``.
     """
-    dev = runtime.setup(cfg)
-    loaded = highlighted_pairs(cfg, arch, table1, pairs, dev)
+    loaded = highlighted_pairs(job, table1, pairs)
     rows = []
     for mode, pair in loaded.items():
         n = pair.quant.num_layers
         steps = [(kind, layer) for kind in SCANS for layer in range(1, n + 1)]
-        run = functools.partial(_scan_batch, pair, [scan_masks(n, kind, layer) for kind, layer in steps], cfg)
-        for split in cfg["analysis"]["layer_scan"]["splits"]:
-            acc = accuracies(_scan_loader(cfg, split), cfg, dev, run, desc=f"{arch} {mode} layer scan ({split})")
-            rows += [dict(arch=arch, network=mode, split=split, scan=kind, layer=layer, relative_depth=layer / n, acc=a)
-                     for (kind, layer), a in zip(steps, acc.tolist())]
+        run = functools.partial(_scan_batch, pair, [scan_masks(n, kind, layer) for kind, layer in steps], job)
+        for split in splits:
+            acc = accuracies(_scan_loader(job, split, max_examples), job, run, desc=f"{pair.arch} {mode} layer scan ({split})")
+            rows += [dict(seed=job.seed, arch=pair.arch, network=mode, split=split, scan=kind, layer=layer,
+                          relative_depth=layer / n, acc=a) for (kind, layer), a in zip(steps, acc.tolist())]
     _write(rows, LAYER_SCAN_COLUMNS, out)
 
 
@@ -171,11 +208,6 @@ def finish_histogram(counts: Tensor, total: int, value_range: float) -> tuple[fl
     density = rest / (mass * (edges[1] - edges[0])) if mass > 0 else torch.zeros_like(rest)
     sparsity = 100.0 * counts[0].item() / total if total else 0.0
     return sparsity, edges[1:], density
-
-
-def sparsity_and_hist(values: Tensor, value_range: float, width: float) -> tuple[float, Tensor, Tensor]:
-    """Sparsity (%) and the renormalised histogram of ``values`` without the zero bin (see :func:`finish_histogram`)."""
-    return finish_histogram(*bin_counts(values, value_range, width), value_range)
 
 
 class LayerHistograms:
@@ -217,32 +249,31 @@ class LayerHistograms:
         return rows
 
 
-def _histogram_batch(pair: Pair, hist: LayerHistograms, cfg: Mapping, x: Tensor) -> Tensor:
+def _histogram_batch(pair: Pair, hist: LayerHistograms, job: Job, x: Tensor) -> Tensor:
     hist.active = "fp"
     fp = pair.quant.model(x).argmax(1)
     hist.active = "q"
-    return torch.stack([fp, pair.quant(x, bits(pair, x, cfg)).argmax(1)])
+    return torch.stack([fp, pair.quant(x, bits(pair, x, job)).argmax(1)])
 
 
-def histograms(cfg: Mapping, arch: str, table1: str | Path, pairs: str | Path, out: str | Path) -> None:
+def histograms(job: Job, table1: str | Path, pairs: Sequence[str | Path], out: str | Path, *,
+               range: float, bin_width: float) -> None:
     """Fig. 3: per-layer input-activation histograms of the highlighted R and D over the test set.
 
     ``fp``: the network at full precision; ``q``: the fake-quantized input each layer sees with the
-    pair's own bits. Bins over [0, ``analysis.histogram.range``] of width ``bin_width``; the bin
-    holding 0 is dropped and the rest renormalised; ``sparsity`` is the dropped share in %.
+    pair's own bits. Bins over [0, ``range``] of width ``bin_width``; the bin holding 0 is
+    dropped and the rest renormalised; ``sparsity`` is the dropped share in %.
     """
-    h = cfg["analysis"]["histogram"]
-    dev = runtime.setup(cfg)
-    loaded = highlighted_pairs(cfg, arch, table1, pairs, dev)
-    loader = _test_loader(cfg)
+    loaded = highlighted_pairs(job, table1, pairs)
+    loader = _test_loader(job)
     rows = []
     for mode, pair in loaded.items():
-        hist = LayerHistograms(pair.quant, h["range"], h["bin_width"])
+        hist = LayerHistograms(pair.quant, range, bin_width)
         try:
-            accuracies(loader, cfg, dev, functools.partial(_histogram_batch, pair, hist, cfg), desc=f"{arch} {mode} histograms")
+            accuracies(loader, job, functools.partial(_histogram_batch, pair, hist, job), desc=f"{pair.arch} {mode} histograms")
         finally:
             hist.remove()
-        rows += [dict(arch=arch, network=mode, **row) for row in hist.rows()]
+        rows += [dict(seed=job.seed, arch=pair.arch, network=mode, **row) for row in hist.rows()]
     _write(rows, HISTOGRAM_COLUMNS, out)
 
 
@@ -257,51 +288,53 @@ def _corrupt_batch(name: str, degree: int, base: int, seed: int, images: Tensor,
     return corrupt(images, name, degree, batch_seed(base, seed, index))
 
 
-def _robustness_batch(settings: Sequence[tuple[Pair, str]], cfg: Mapping, x: Tensor) -> Tensor:
+def _robustness_batch(settings: Sequence[tuple[Pair, str]], job: Job, x: Tensor) -> Tensor:
     shared: dict[int, Tensor] = {}  # one allocation per pair and batch, shared by its settings
     preds = []
     for pair, precision in settings:
         if precision == "fp":
             preds.append(pair.quant.model(x).argmax(1))
         else:
-            b = shared.setdefault(id(pair), bits(pair, x, cfg))
+            b = shared.setdefault(id(pair), bits(pair, x, job))
             preds.append(pair.quant(x, b).argmax(1))
     return torch.stack(preds)
 
 
-def corruptions(cfg: Mapping, arch: str, table1: str | Path, pairs: str | Path, out: str | Path) -> None:
-    """Fig. 4: accuracy of the highlighted R and D under each corruption, degree 0 (clean) to
-    ``analysis.corruptions.degrees``, for seeds 0..``seeds`` - 1.
+def corruptions(job: Job, table1: str | Path, pairs: Sequence[str | Path], out: str | Path, *, max_examples: int,
+                names: Sequence[str], degrees: int, seeds: int, quantized: bool) -> None:
+    """Fig. 4: accuracy of the highlighted R and D under each corruption of ``names``, degree 0
+    (clean) to ``degrees``, for corruption seeds 0..``seeds`` - 1, on the seeded subset of
+    ``max_examples`` test images.
 
     Precision ``fp``, plus ``q`` (own policy, bits chosen on the corrupted image, as a deployed
-    system would) when ``analysis.corruptions.quantized``. Each batch is corrupted once and
+    system would) when ``quantized``. Each batch is corrupted once and
     shared by every (network, precision); the clean accuracy is measured once and repeated as
     degree 0 of every corruption and seed, and a corruption that draws nothing at random
     (``SEEDLESS``) is measured at seed 0 and repeated for the other seeds.
     """
-    c = cfg["analysis"]["corruptions"]
-    dev = runtime.setup(cfg)
-    loaded = highlighted_pairs(cfg, arch, table1, pairs, dev)
-    loader = _scan_loader(cfg, "test")
-    precisions = ["fp", "q"] if c["quantized"] else ["fp"]
+    loaded = highlighted_pairs(job, table1, pairs)
+    arch = loaded["robust"].arch
+    loader = _scan_loader(job, "test", max_examples)
+    precisions = ["fp", "q"] if quantized else ["fp"]
     keys = [(mode, precision) for mode in loaded for precision in precisions]
-    run = functools.partial(_robustness_batch, [(loaded[mode], precision) for mode, precision in keys], cfg)
+    run = functools.partial(_robustness_batch, [(loaded[mode], precision) for mode, precision in keys], job)
 
     def add(acc: Tensor, name: str, degree: int, seed: int) -> None:
-        rows.extend(dict(arch=arch, network=mode, precision=precision, corruption=name, degree=degree, seed=seed, acc=a)
+        rows.extend(dict(seed=job.seed, arch=arch, network=mode, precision=precision, corruption=name, degree=degree, corruption_seed=seed, acc=a)
                     for (mode, precision), a in zip(keys, acc.tolist()))
 
     rows: list[dict] = []
-    clean = accuracies(loader, cfg, dev, run, desc=f"{arch} clean")
-    for name in c["names"]:
-        for seed in range(c["seeds"]):
+    clean = accuracies(loader, job, run, desc=f"{arch} clean")
+    for name in names:
+        for seed in range(seeds):
             add(clean, name, 0, seed)
-            for degree in range(1, c["degrees"] + 1):
+            for degree in range(1, degrees + 1):
                 if name in SEEDLESS and seed > 0:  # the same images as seed 0: the same accuracies
-                    acc = torch.tensor([r["acc"] for r in rows if (r["corruption"], r["degree"], r["seed"]) == (name, degree, 0)])
+                    acc = torch.tensor([r["acc"] for r in rows
+                                        if (r["corruption"], r["degree"], r["corruption_seed"]) == (name, degree, 0)])
                 else:
-                    corrupt_batch = functools.partial(_corrupt_batch, name, degree, cfg["seed"], seed)
-                    acc = accuracies(loader, cfg, dev, run, corrupt_batch, desc=f"{arch} {name} {degree} seed {seed}")
+                    corrupt_batch = functools.partial(_corrupt_batch, name, degree, job.data.split_seed, seed)
+                    acc = accuracies(loader, job, run, corrupt_batch, desc=f"{arch} {name} {degree} seed {seed}")
                 add(acc, name, degree, seed)
     _write(rows, CORRUPTION_COLUMNS, out)
 
@@ -322,8 +355,8 @@ def _fp_batch(nets: Sequence[DynamicQuant], x: Tensor) -> Tensor:
 
 
 def _remedy_batch(nets: Mapping[str, DynamicQuant], loaded: Mapping[str, Pair], settings: Sequence[dict],
-                  cfg: Mapping, x: Tensor) -> Tensor:
-    allocation = {mode: bits(pair, x, cfg) for mode, pair in loaded.items()}
+                  job: Job, x: Tensor) -> Tensor:
+    allocation = {mode: bits(pair, x, job) for mode, pair in loaded.items()}
     preds = []
     for s in settings:
         quant = nets[s["network"]]
@@ -335,32 +368,31 @@ def _remedy_batch(nets: Mapping[str, DynamicQuant], loaded: Mapping[str, Pair], 
     return torch.stack(preds)
 
 
-def remedy(cfg: Mapping, arch: str, table1: str | Path, layer_scan: str | Path, pairs: str | Path,
-           network: str | Path | None = None, *, out: str | Path) -> None:
+def remedy(job: Job, table1: str | Path, layer_scan: str | Path, pairs: Sequence[str | Path],
+           network: str | Path | None, out: str | Path, *, activation_scale: str, keep_flagged_fp: bool,
+           flag_drop: float) -> None:
     """The fix Sect. 4.2 suggests, on the highlighted pairs and (if given) the white box ``network``.
 
     Networks and policies: R with π_R, D with π_D, and the white box W with π_R and with π_D.
     Settings: the paper's scale rule (``quant.activation_scale``) and the remedy's
-    (``analysis.remedy.activation_scale``), each also with the flagged layers kept at full
-    precision when ``analysis.remedy.keep_flagged_fp``. A layer is flagged for a policy when
-    quantizing it alone (``single`` scan of that policy's own pair, test split) costs its network
-    more than ``analysis.remedy.flag_drop`` points. ``flagged_layers`` lists the layers kept at
+    (``activation_scale``), each also with the flagged layers kept at full precision when
+    ``keep_flagged_fp``. A layer is flagged for a policy when quantizing it alone (``single`` scan
+    of that policy's own pair, test split) costs its network more than ``flag_drop`` points. ``flagged_layers`` lists the layers kept at
     full precision in that row (1-based, ``;``-separated, ``none`` if none).
     """
-    r = cfg["analysis"]["remedy"]
-    dev = runtime.setup(cfg)
-    loaded = highlighted_pairs(cfg, arch, table1, pairs, dev)
+    loaded = highlighted_pairs(job, table1, pairs)
+    arch = loaded["robust"].arch
     nets = {m: p.quant for m, p in loaded.items()}
     if network is not None:
-        nets["white_box"] = evaluate.load_white_box(cfg, arch, network, dev)
-    loader = _test_loader(cfg)
+        nets["white_box"] = checkpoint.white_box(network, job.rt, job.data.image_size, job.quant)
+    loader = _test_loader(job)
     fp_run = functools.partial(_fp_batch, list(nets.values()))
-    fp_acc = dict(zip(nets, accuracies(loader, cfg, dev, fp_run, desc=f"{arch} remedy (FP)").tolist()))
+    fp_acc = dict(zip(nets, accuracies(loader, job, fp_run, desc=f"{arch} remedy (FP)").tolist()))
     scan = pd.read_csv(layer_scan)
-    flags = {mode: flagged_layers(scan, arch, mode, fp_acc[mode], r["flag_drop"]) for mode in loaded}
+    flags = {mode: flagged_layers(scan, arch, mode, fp_acc[mode], flag_drop) for mode in loaded}
 
-    rules = list(dict.fromkeys([cfg["quant"]["activation_scale"], r["activation_scale"]]))
-    keeps = [False, True] if r["keep_flagged_fp"] else [False]
+    rules = list(dict.fromkeys([job.quant["activation_scale"], activation_scale]))
+    keeps = [False, True] if keep_flagged_fp else [False]
     combos = [(mode, mode) for mode in loaded] + [("white_box", mode) for mode in loaded if "white_box" in nets]
     settings = []
     for net, policy in combos:
@@ -372,7 +404,7 @@ def remedy(cfg: Mapping, arch: str, table1: str | Path, layer_scan: str | Path, 
                                      setting=f"{rule}_keep_flagged" if keep else rule,
                                      flagged_layers=";".join(map(str, kept)) or "none",
                                      mask=[layer not in kept for layer in range(1, n + 1)]))
-    q_acc = accuracies(loader, cfg, dev, functools.partial(_remedy_batch, nets, loaded, settings, cfg), desc=f"{arch} remedy")
-    rows = [dict(arch=arch, **{k: v for k, v in s.items() if k != "mask"}, q_acc=a, fp_acc=fp_acc[s["network"]])
+    q_acc = accuracies(loader, job, functools.partial(_remedy_batch, nets, loaded, settings, job), desc=f"{arch} remedy")
+    rows = [dict(seed=job.seed, arch=arch, **{k: v for k, v in s.items() if k != "mask"}, q_acc=a, fp_acc=fp_acc[s["network"]])
             for s, a in zip(settings, q_acc.tolist())]
     _write(rows, REMEDY_COLUMNS, out)

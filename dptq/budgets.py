@@ -1,4 +1,4 @@
-"""Budgets (SPEC §2): the total bits C that every example's allocation must hit exactly.
+"""Budgets (docs/method.md §2.6): the total bits C that every example's allocation must hit exactly.
 
 C = round((a + d_v) · N), ``a`` the budget level (A, B, C), ``d_v`` the version's offset and N the
 number of quantizable layers; ``round`` is Python's (half to even). A cell is feasible when some
@@ -37,30 +37,13 @@ def check_feasible(num_layers: int, opts: Sequence[int], cap: int, where: str = 
             f"{num_layers * max(opts)})")
 
 
-def cell(cfg: Mapping, arch: str, version: str, budget: str, num_layers: int | None = None) -> tuple[list[int], int]:
-    """Options and capacity of one (arch, version, budget) cell, checked for feasibility."""
-    from .models import num_quantizable_layers
-
-    pairs = cfg["pairs"]
-    n = num_layers if num_layers is not None else num_quantizable_layers(arch)
-    opts = options(*pairs["versions"][version])
-    cap = capacity(n, pairs["budgets"][budget], pairs["budget_offset"][version])
-    check_feasible(n, opts, cap, where=f"arch {arch}, version {version}, budget {budget}")
+def cell(num_layers: int, bit_range: Sequence[int], level: float, offset: float, where: str = "") -> tuple[list[int], int]:
+    """Options and capacity of one cell: a version's ``bit_range`` [low, high], a budget ``level``
+    and the version's ``offset``, checked for feasibility."""
+    opts = options(*bit_range)
+    cap = capacity(num_layers, level, offset)
+    check_feasible(num_layers, opts, cap, where=where)
     return opts, cap
-
-
-def table(cfg: Mapping) -> list[dict]:
-    """Every cell of the config: arch, version, budget, N, options, capacity."""
-    from .models import num_quantizable_layers
-
-    rows = []
-    for arch in cfg["kd"]["archs"]:
-        n = num_quantizable_layers(arch)
-        for version in cfg["pairs"]["versions"]:
-            for budget in cfg["pairs"]["budgets"]:
-                opts, cap = cell(cfg, arch, version, budget, n)
-                rows.append(dict(arch=arch, version=version, budget=budget, num_layers=n, options=opts, capacity=cap))
-    return rows
 
 
 def problems(cfg: Mapping):

@@ -12,12 +12,14 @@ import pickle
 import tempfile
 import zipfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import models
 from .policy import BitPolicy
+from .quant import DynamicQuant
 
 
 class CheckpointError(RuntimeError):
@@ -40,8 +42,11 @@ def save(obj: Mapping, path: str | Path) -> None:
         raise
 
 
-def load(path: str | Path, kind: str | None = None, arch: str | None = None, recover: str = "") -> dict:
+def load(path: str | Path, kind: str | None = None, arch: str | None = None, recover: str = "",
+         mmap: bool = False) -> dict:
     """Read a checkpoint safely (``weights_only=True``) and check its kind and arch.
+
+    ``mmap`` maps the tensors instead of reading them (cheap when only the metadata is needed).
 
     ``recover`` is appended to every error: what the user should do (e.g. which job to re-run).
     """
@@ -52,7 +57,7 @@ def load(path: str | Path, kind: str | None = None, arch: str | None = None, rec
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is damaged
         raise CheckpointError(f"{path}: truncated or corrupted checkpoint (not a torch.save archive){hint}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         culprit = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line), "a Python object")
         raise CheckpointError(f"{path}: refused to load: it holds Python objects that could run code when "
@@ -75,9 +80,49 @@ def network(ckpt: Mapping) -> torch.nn.Module:
     return model.eval()
 
 
-def policy(ckpt: Mapping) -> BitPolicy:
+def policy_of(ckpt: Mapping) -> BitPolicy:
     """The bit-width policy of a pair checkpoint, in eval mode."""
     cell = ckpt["cell"]
     net = BitPolicy(cell["num_layers"], len(cell["options"]), cell["policy_input_size"], cell["policy_width"])
     net.load_state_dict(ckpt["policy"])
     return net.eval()
+
+
+def cell(path: str | Path) -> dict:
+    """The cell (version, budget, mode, options, capacity, ...) a pair checkpoint was trained for."""
+    return load(path, kind="pair", mmap=True, recover="re-run the pair job that writes it")["cell"]
+
+
+@dataclass
+class Pair:
+    """A trained network-policy pair, ready to run: the network behind ``quant``, its policy and cell."""
+
+    arch: str
+    quant: DynamicQuant
+    policy: torch.nn.Module
+    options: list[int]
+    capacity: int
+    cell: dict
+
+
+def quantizer(model: torch.nn.Module, rt, image_size: int, *, weight_bits: int, activation_scale: str,
+              percentile: float) -> DynamicQuant:
+    """``model`` on the job's device wrapped for quantized runs (the config's ``quant`` section)."""
+    model = rt.to_device(model, image_size).eval()
+    return DynamicQuant(model, weight_bits=weight_bits, scale_rule=activation_scale, percentile=percentile,
+                        image_size=image_size)
+
+
+def white_box(path: str | Path, rt, image_size: int, quant: Mapping) -> DynamicQuant:
+    """The distilled network W of ``path``, ready for quantized runs."""
+    ckpt = load(path, kind="distill", recover="re-run the distill job that writes it")
+    return quantizer(network(ckpt), rt, image_size, **quant)
+
+
+def pair(path: str | Path, rt, image_size: int, quant: Mapping) -> Pair:
+    """The network-policy pair of ``path``, its cell read from the checkpoint itself."""
+    ckpt = load(path, kind="pair", recover="re-run the pair job that writes it")
+    cell = dict(ckpt["cell"])
+    policy = rt.to_device(policy_of(ckpt), image_size).eval()
+    return Pair(ckpt["arch"], quantizer(network(ckpt), rt, image_size, **quant), policy, list(cell["options"]),
+                int(cell["capacity"]), cell)

@@ -1,5 +1,5 @@
 """Configuration: load ``config.yaml`` plus overlays, validate against the schema and the
-cross-field rules that a schema cannot say (SPEC §6).
+cross-field rules that a schema cannot say (docs/method.md §6).
 
 Every error is a :class:`ConfigError` whose one-line message names the key path, the bad value
 and what is allowed, so that ``snakemake -n`` and ``dvc repro`` refuse a bad config before any
@@ -167,10 +167,88 @@ def _cross_field_problems(cfg: Mapping):
 PER_ARCH = {"kd": ("batch_size",), "pairs": ("lr",)}
 
 
+def seeds(cfg: Mapping) -> list[int]:
+    """The training seeds: ``seed`` is one seed or a list of them (docs/method.md §1)."""
+    seed = cfg["seed"]
+    return [int(s) for s in seed] if isinstance(seed, Sequence) else [int(seed)]
+
+
 def section_for(cfg: Mapping, section: str, arch: str | None) -> dict:
     """``cfg[section]`` with every per-arch key of :data:`PER_ARCH` resolved for ``arch``."""
     out = dict(cfg[section])
     for key in PER_ARCH.get(section, ()):
-        if isinstance(out[key], Mapping):
+        if key in out and isinstance(out[key], Mapping):
             out[key] = out[key][arch]
     return out
+
+
+# --- what one job may read -----------------------------------------------------------------------
+
+def declared(cfg: Mapping, keys: Sequence[str]) -> dict:
+    """The part of ``cfg`` that ``keys`` (dotted paths) name, nested as in ``cfg``.
+
+    A path may go below a value that is not a map: ``pairs.lr.resnet18`` takes ``pairs.lr`` when
+    it is one value for every arch.
+    """
+    out: dict = {}
+    for key in keys:
+        node, target, parts = cfg, out, key.split(".")
+        for i, part in enumerate(parts):
+            if not isinstance(node, Mapping):
+                break
+            if part not in node:
+                raise ConfigError(f"{key}: declared by a rule but not in the config (no key {'.'.join(parts[:i + 1])!r})")
+            node = node[part]
+            if i < len(parts) - 1 and isinstance(node, Mapping):
+                target = target.setdefault(part, {})
+            else:
+                target[part] = copy.deepcopy(node)
+                break
+    return out
+
+
+def leaves(tree: Mapping, prefix: tuple = ()) -> set[tuple]:
+    """Every path to a value that is not a non-empty map."""
+    out = set()
+    for key, value in tree.items():
+        path = (*prefix, key)
+        out |= leaves(value, path) if isinstance(value, Mapping) and value else {path}
+    return out
+
+
+class Settings(Mapping):
+    """A job's config: only the keys its rule declares, and a record of what it reads.
+
+    Reading a key that is not there is a :class:`ConfigError` naming the key and the job, so a
+    job cannot depend on a value that its orchestrator does not track. :meth:`unread` lists the
+    declared values the job never read (the workflow test asserts there are none).
+    """
+
+    def __init__(self, tree: Mapping, job: str, _path: tuple = (), _reads: set | None = None):
+        self._tree, self._job, self._path = tree, job, _path
+        self._reads = set() if _reads is None else _reads
+
+    def __getitem__(self, key):
+        if key not in self._tree:
+            where = ".".join(map(str, (*self._path, key)))
+            raise ConfigError(f"{self._job}: reads config key {where}, which its rule does not declare; "
+                              f"add {where!r} to the rule's keys(...) in workflow/rules/")
+        value, path = self._tree[key], (*self._path, key)
+        if isinstance(value, Mapping) and value:
+            return Settings(value, self._job, path, self._reads)
+        self._reads.add(path)
+        return copy.deepcopy(value)
+
+    def __iter__(self):
+        return iter(self._tree)
+
+    def __len__(self) -> int:
+        return len(self._tree)
+
+    def plain(self) -> dict:
+        """All of it as a plain dict (a job that shows the whole config reads every value)."""
+        self._reads |= {(*self._path, *p) for p in leaves(self._tree)}
+        return copy.deepcopy(dict(self._tree))
+
+    def unread(self) -> list[str]:
+        return sorted(".".join(map(str, p)) for p in leaves(self._tree) - self._reads)

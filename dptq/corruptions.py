@@ -1,4 +1,4 @@
-"""Corruptions of the paper's Sect. 4.3 (SPEC §2, Fig. 4): nine, each with degrees 1..5.
+"""Corruptions of the paper's Sect. 4.3 (docs/method.md §2.18, Fig. 4): nine, each with degrees 1..5.
 
 Every corruption acts on a batch of [0, 1] images ``[B, 3, H, W]`` and is a
 ``torchvision.transforms.v2`` transform (or built from one). Severity grows with the degree

@@ -1,11 +1,11 @@
-"""Datasets, augmentation, mixup and loaders (SPEC §4, data contract).
+"""Datasets, augmentation, mixup and loaders (docs/method.md §4).
 
 Every dataset yields ``(image, label)``: ``image`` a float32 CHW tensor in [0, 1] at
 ``dataset.image_size`` (not normalised; :func:`normalize` maps a batch to the network input),
 ``label`` an int. Three sources, picked by ``dataset.name``:
 
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits (no download), split 50/50
-  stratified with ``seed``, upsampled bilinearly, grey replicated to 3 channels;
+  stratified with ``split_seed``, upsampled bilinearly, grey replicated to 3 channels;
 - ``oxford_pets``: ``torchvision.datasets.OxfordIIITPet`` (trainval -> train, test -> test);
 - ``imagefolder``: ``torchvision.datasets.ImageFolder`` on ``root/train`` and ``root/test``.
 
@@ -108,36 +108,30 @@ def _digits_split(size: int, seed: int) -> dict[str, _Tensors]:
     return {"train": _Tensors(images[train], labels[train], classes), "test": _Tensors(images[test], labels[test], classes)}
 
 
-def _digits(cfg: Mapping, part: str) -> _Tensors:
-    return _digits_split(cfg["dataset"]["image_size"], cfg["seed"])[part]
-
-
-def _file_transform(cfg: Mapping):
-    size = cfg["dataset"]["image_size"]
+def _file_transform(size: int):
     return v2.Compose([v2.Resize((size, size), antialias=True), v2.PILToTensor()])
 
 
-def _pets(cfg: Mapping, part: str) -> _Files:
+def _pets(root: str, download: bool, image_size: int, part: str) -> _Files:
     """Oxford-IIIT Pet in torchvision's layout: ``root/oxford-iiit-pet/{images,annotations}``."""
-    ds_cfg = cfg["dataset"]
     split = {"train": "trainval", "test": "test"}[part]
-    base = Path(ds_cfg["root"]) / "oxford-iiit-pet"
+    base = Path(root) / "oxford-iiit-pet"
     needed = [base / "images", base / "annotations", base / "annotations" / f"{split}.txt"]
     missing = [p for p in needed if not p.exists()]
-    if missing and not ds_cfg["download"]:
+    if missing and not download:
         raise FileNotFoundError(
             f"dataset.root: Oxford-IIIT Pet not found: {missing[0]} ({missing[0].absolute()}) does not exist. "
             f"Set dataset.download: true on a machine with internet, or copy the dataset there "
             f"(images.tar.gz and annotations.tar.gz from {PETS_URL} unpacked into {base})")
-    ds = datasets.OxfordIIITPet(ds_cfg["root"], split=split, target_types="category",
-                                transform=_file_transform(cfg), download=ds_cfg["download"])
+    ds = datasets.OxfordIIITPet(root, split=split, target_types="category",
+                                transform=_file_transform(image_size), download=download)
     # torchvision keeps the file list and labels private; reading them avoids decoding every image
     return _Files(ds, ds._images, ds._labels, ds.classes)
 
 
-def _imagefolder(cfg: Mapping, part: str) -> _Files:
+def _imagefolder(root: str, image_size: int, part: str) -> _Files:
     """``root/train/<class>/*`` and ``root/test/<class>/*``; both must name the same classes."""
-    root = Path(cfg["dataset"]["root"])
+    root = Path(root)
     folders = {p: root / p for p in ("train", "test")}
     for folder in folders.values():
         if not folder.is_dir():
@@ -150,19 +144,8 @@ def _imagefolder(cfg: Mapping, part: str) -> _Files:
         raise ValueError(f"dataset.root: the class folders of {folders['train']} and {folders['test']} differ "
                          f"(only in train: {only['train']}, only in test: {only['test']}); "
                          "both splits need the same class folders")
-    ds = datasets.ImageFolder(folders[part], transform=_file_transform(cfg))
+    ds = datasets.ImageFolder(folders[part], transform=_file_transform(image_size))
     return _Files(ds, [p for p, _ in ds.samples], ds.targets, ds.classes)
-
-
-_SOURCES = {"digits": _digits, "oxford_pets": _pets, "imagefolder": _imagefolder}
-
-
-def _source(cfg: Mapping, part: str):
-    return _SOURCES[cfg["dataset"]["name"]](cfg, part)
-
-
-def num_classes(cfg: Mapping) -> int:
-    return len(_source(cfg, "train").classes)
 
 
 # --- splits --------------------------------------------------------------------------------------
@@ -175,40 +158,82 @@ def _stratified(labels: np.ndarray, fraction: float, seed: int) -> tuple[Tensor,
     return torch.as_tensor(np.sort(kept)), torch.as_tensor(np.sort(held))
 
 
-def _indices(cfg: Mapping, labels: Tensor, split: str) -> Tensor:
-    """Indices of ``split`` into its source; fit/val split the training split (``dataset.val_fraction``)."""
-    fraction = cfg["dataset"]["val_fraction"]
-    if split in ("train", "test") or (split == "fit" and fraction == 0):
-        return torch.arange(len(labels))
-    if fraction == 0:
-        raise ValueError("dataset.val_fraction: 0 leaves no validation part, but the 'val' split was asked for; "
-                         "set dataset.val_fraction above 0 (or pairs.select_best: false)")
-    try:
-        fit, val = _stratified(labels.numpy(), fraction, cfg["seed"])
-    except ValueError as err:
-        raise ValueError(f"dataset.val_fraction: {fraction} of {len(labels)} training images cannot be split "
-                         f"stratified ({err}); change dataset.val_fraction or use more images") from None
-    return fit if split == "fit" else val
-
-
-def augmentation(cfg: Mapping) -> v2.Compose:
+def augmentation(image_size: int, crop_padding: int, hflip: bool, color_jitter: float,
+                 randaugment: Mapping) -> v2.Compose:
     """Per-example training augmentation (paper Sect. 3): padded random crop, optional horizontal
-    flip, colour jitter, RandAugment. Takes uint8 or float [0, 1] CHW; draws from torch's RNG."""
-    aug, size = cfg["dataset"]["augment"], cfg["dataset"]["image_size"]
-    ra, jitter = cfg["kd"]["randaugment"], aug["color_jitter"]
-    steps = [v2.RandomCrop(size, padding=aug["crop_padding"])] if aug["crop_padding"] else []
-    steps += [v2.RandomHorizontalFlip()] if aug["hflip"] else []
-    steps += [v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter)] if jitter else []
-    steps += [v2.RandAugment(num_ops=ra["num_ops"], magnitude=ra["magnitude"])] if ra["num_ops"] else []
+    flip, colour jitter (the dataset's), RandAugment (the stage's). Takes uint8 or float [0, 1]
+    CHW; draws from torch's RNG."""
+    steps = [v2.RandomCrop(image_size, padding=crop_padding)] if crop_padding else []
+    steps += [v2.RandomHorizontalFlip()] if hflip else []
+    steps += [v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter)] if color_jitter else []
+    num_ops, magnitude = randaugment["num_ops"], randaugment["magnitude"]
+    steps += [v2.RandAugment(num_ops=num_ops, magnitude=magnitude)] if num_ops else []
     return v2.Compose(steps)
 
 
-def build(cfg: Mapping, split: str, augment: bool = False) -> Images:
-    """The ``split`` (train | fit | val | test) of ``dataset.name``, augmented if ``augment``."""
-    if split not in SPLITS:
-        raise ValueError(f"split {split!r} is not one of {SPLITS}")
-    source = _source(cfg, "test" if split == "test" else "train")
-    return Images(source, _indices(cfg, source.labels, split), augmentation(cfg) if augment else None)
+class Data:
+    """The config's ``dataset`` section (``Data(**dataset)``): its splits, loaders and inputs.
+
+    The train/test split (digits) and the fit/val split are drawn with ``split_seed``, never with
+    the training seed, so every training seed is measured on the same test images.
+    """
+
+    def __init__(self, *, name: str, root: str, image_size: int, num_workers: int, download: bool,
+                 split_seed: int, val_fraction: float, augment: Mapping):
+        self.name, self.root, self.image_size, self.num_workers = name, root, image_size, num_workers
+        self.download, self.split_seed, self.val_fraction = download, split_seed, val_fraction
+        self.augment = dict(augment)
+
+    def _source(self, part: str):
+        if self.name == "digits":
+            return _digits_split(self.image_size, self.split_seed)[part]
+        if self.name == "oxford_pets":
+            return _pets(self.root, self.download, self.image_size, part)
+        return _imagefolder(self.root, self.image_size, part)
+
+    def num_classes(self) -> int:
+        return len(self._source("train").classes)
+
+    def _indices(self, labels: Tensor, split: str) -> Tensor:
+        """Indices of ``split`` into its source; fit/val split the training split (``val_fraction``)."""
+        fraction = self.val_fraction
+        if split in ("train", "test") or (split == "fit" and fraction == 0):
+            return torch.arange(len(labels))
+        if fraction == 0:
+            raise ValueError("dataset.val_fraction: 0 leaves no validation part, but the 'val' split was asked for; "
+                             "set dataset.val_fraction above 0 (or pairs.select_best: false)")
+        try:
+            fit, val = _stratified(labels.numpy(), fraction, self.split_seed)
+        except ValueError as err:
+            raise ValueError(f"dataset.val_fraction: {fraction} of {len(labels)} training images cannot be split "
+                             f"stratified ({err}); change dataset.val_fraction or use more images") from None
+        return fit if split == "fit" else val
+
+    def build(self, split: str, randaugment: Mapping | None = None) -> Images:
+        """The ``split`` (train | fit | val | test); augmented (the dataset's crop, flip and jitter,
+        then ``randaugment``) when ``randaugment`` is given."""
+        if split not in SPLITS:
+            raise ValueError(f"split {split!r} is not one of {SPLITS}")
+        source = self._source("test" if split == "test" else "train")
+        transform = None if randaugment is None else augmentation(self.image_size, **self.augment, randaugment=randaugment)
+        return Images(source, self._indices(source.labels, split), transform)
+
+    def loader(self, dataset: Dataset, batch_size: int, rt: runtime.Runtime, shuffle: bool = False, seed: int = 0,
+               batches: Sequence[Sequence[int]] | None = None) -> DataLoader:
+        """A deterministic DataLoader: batches from ``batches`` or :func:`batch_order`.
+
+        Its own generator keeps the loader's worker base seed from drawing on torch's global RNG,
+        which the trainer saves and restores for an exact mid-epoch resume.
+        """
+        if batches is None:
+            batches = batch_order(len(dataset), batch_size, shuffle, seed)
+        return DataLoader(dataset, batch_sampler=batches, num_workers=self.num_workers,
+                          pin_memory=rt.dev.type == "cuda", generator=torch.Generator().manual_seed(seed))
+
+
+def network_input(images: Tensor, rt: runtime.Runtime, normalize=normalize) -> Tensor:
+    """A [0, 1] batch as the network sees it: on the device, normalised, in the run's memory format."""
+    return normalize(images.to(rt.dev, non_blocking=True)).contiguous(memory_format=rt.memory_format)
 
 
 # --- mixup and loaders ---------------------------------------------------------------------------
@@ -236,16 +261,3 @@ def batch_order(n: int, batch_size: int, shuffle: bool = False, seed: int = 0) -
     """
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
     return [chunk.tolist() for chunk in order.split(batch_size)]
-
-
-def loader(dataset: Dataset, batch_size: int, cfg: Mapping, shuffle: bool = False, seed: int = 0,
-           batches: Sequence[Sequence[int]] | None = None) -> DataLoader:
-    """A deterministic DataLoader: batches from ``batches`` or :func:`batch_order`.
-
-    Its own generator keeps the loader's worker base seed from drawing on torch's global RNG,
-    which the trainer saves and restores for an exact mid-epoch resume.
-    """
-    if batches is None:
-        batches = batch_order(len(dataset), batch_size, shuffle, seed)
-    return DataLoader(dataset, batch_sampler=batches, num_workers=cfg["dataset"]["num_workers"],
-                      pin_memory=runtime.device(cfg).type == "cuda", generator=torch.Generator().manual_seed(seed))

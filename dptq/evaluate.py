@@ -1,52 +1,60 @@
 """Evaluation (paper Sect. 4): accuracy at full precision and quantized with a policy's bits.
 
 Table 1 (every pair's FP accuracy and Δ = Q - FP, the highlighted cell), Table 2 (transitory
-points) and Table 3 (cross-policy) per arch, then merged over archs (SPEC §2, §7).
+points) and Table 3 (cross-policy) per arch, then merged over archs (docs/method.md §2.12-2.15, §7).
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
+from scipy import stats
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import budgets, checkpoint, data, runtime
+from . import checkpoint, data
+from .checkpoint import Pair
+from .data import Data
 from .policy import RandomPolicy, allocate
 from .quant import DynamicQuant
+from .runtime import Runtime
 
-TABLE1_COLUMNS = ["arch", "version", "budget", "mode", "options", "capacity", "fp_acc", "q_acc", "delta",
+TABLE1_COLUMNS = ["seed", "arch", "version", "budget", "mode", "options", "capacity", "fp_acc", "q_acc", "delta",
                   "highlighted", "white_box_acc"]
-TABLE2_COLUMNS = ["arch", "transitory_pct"]
-TABLE3_COLUMNS = ["arch", "network", "policy", "q_acc", "fp_acc"]
+TABLE2_COLUMNS = ["seed", "arch", "transitory_pct"]
+TABLE3_COLUMNS = ["seed", "arch", "network", "policy", "q_acc", "fp_acc"]
+SUMMARY_COLUMNS = ["arch", "version", "budget", "mode", "options", "capacity", "n_seeds",
+                   *(f"{c}_{s}" for c in ("fp_acc", "q_acc", "delta", "white_box_acc") for s in ("mean", "ci95")),
+                   "highlighted"]
 
 
 @torch.no_grad()
-def predict(quant: DynamicQuant, loader, cfg: Mapping, dev: torch.device, *, policy=None,
+def predict(quant: DynamicQuant, loader, rt: Runtime, profits: str = "logits", *, policy=None,
             options: Sequence[int] | None = None, capacity: int | None = None,
             mask: Sequence[bool] | None = None, normalize=data.normalize) -> tuple[Tensor, Tensor]:
     """Predicted and true labels over ``loader`` (CPU tensors).
 
     Without ``policy`` the network runs at full precision; with one, every batch gets its
-    bit-widths from one batched MCKP call and runs quantized (``mask`` picks the layers).
-    ``normalize`` maps [0, 1] images to the network's input (a corruption may replace it).
+    bit-widths from one batched MCKP call (``profits``: the policy's profit rule) and runs
+    quantized (``mask`` picks the layers). ``normalize`` maps [0, 1] images to the network's
+    input (a corruption may replace it).
     """
     preds, labels = [], []
     quant.model.eval()
     if isinstance(policy, torch.nn.Module):
         policy.eval()
-    rule = cfg["pairs"]["policy"]["profits"]
     for images, target in loader:
-        x = network_input(images, cfg, dev, normalize)
-        with runtime.autocast(cfg, dev):
+        x = data.network_input(images, rt, normalize)
+        with rt.autocast():
             if policy is None:
                 logits = quant.model(x)
             else:
-                bits = allocate(policy, x, options, capacity, rule)
+                bits = allocate(policy, x, options, capacity, profits)
                 logits = quant(x, bits, mask)
         preds.append(logits.argmax(1).cpu())
         labels.append(target)
@@ -58,66 +66,14 @@ def accuracy(preds: Tensor, labels: Tensor) -> float:
     return 100.0 * (preds == labels).float().mean().item()
 
 
-def network_input(images: Tensor, cfg: Mapping, dev: torch.device, normalize=data.normalize) -> Tensor:
-    """A [0, 1] batch as the network sees it: on ``dev``, normalised, in the run's memory format."""
-    return normalize(images.to(dev, non_blocking=True)).contiguous(memory_format=runtime.memory_format(cfg, dev))
-
-
-# --- loading -------------------------------------------------------------------------------------
-
-@dataclass
-class Pair:
-    """A trained network-policy pair, ready to run: the network behind ``quant``, its policy and cell."""
-
-    quant: DynamicQuant
-    policy: torch.nn.Module
-    options: list[int]
-    capacity: int
-
-
-def quantizer(cfg: Mapping, model: torch.nn.Module, dev: torch.device) -> DynamicQuant:
-    """``model`` on ``dev`` wrapped for quantized runs with the config's weight bits and scale rule."""
-    q = cfg["quant"]
-    model = runtime.to_device(model, cfg, dev).eval()
-    return DynamicQuant(model, weight_bits=q["weight_bits"], scale_rule=q["activation_scale"],
-                        percentile=q["percentile"], image_size=cfg["dataset"]["image_size"])
-
-
-def load_white_box(cfg: Mapping, arch: str, path: str | Path, dev: torch.device) -> DynamicQuant:
-    ckpt = checkpoint.load(path, kind="distill", arch=arch, recover=f"re-run the distill job for {arch}")
-    return quantizer(cfg, checkpoint.network(ckpt), dev)
-
-
-def load_pair(cfg: Mapping, arch: str, path: str | Path, dev: torch.device, version: str, budget: str, mode: str) -> Pair:
-    """Load a pair checkpoint and check that it was trained for the cell the config describes now."""
-    recover = f"re-run the pair job for {arch} {version} {budget} {mode}"
-    ckpt = checkpoint.load(path, kind="pair", arch=arch, recover=recover)
-    options, capacity = budgets.cell(cfg, arch, version, budget)
-    cell = ckpt["cell"]
-    stored = (cell["version"], cell["budget"], cell["mode"], list(cell["options"]), int(cell["capacity"]))
-    if stored != (version, budget, mode, options, capacity):
-        raise checkpoint.CheckpointError(
-            f"{path}: trained for version {stored[0]}, budget {stored[1]}, mode {stored[2]}, options {stored[3]}, "
-            f"capacity {stored[4]}, but the config gives version {version}, budget {budget}, mode {mode}, options "
-            f"{options}, capacity {capacity} (pairs.versions / pairs.budgets / pairs.budget_offset changed?); {recover}")
-    policy = runtime.to_device(checkpoint.policy(ckpt), cfg, dev).eval()
-    return Pair(quantizer(cfg, checkpoint.network(ckpt), dev), policy, options, capacity)
-
-
-def pair_path(pairs: str | Path, version: str, budget: str, mode: str) -> Path:
-    """The checkpoint path of one pair from a template with ``{version}``, ``{budget}``, ``{mode}``."""
-    return Path(str(pairs).format(version=version, budget=budget, mode=mode))
-
-
-def budget_order(cfg: Mapping) -> list[str]:
-    """Budget labels from the lowest level to the highest (config order among equal levels)."""
-    levels = cfg["pairs"]["budgets"]
+def budget_order(levels: Mapping[str, float]) -> list[str]:
+    """Budget labels from the lowest level to the highest (given order among equal levels)."""
     return sorted(levels, key=lambda label: levels[label])
 
 
-def random_policy(num_layers: int, num_options: int, cfg: Mapping) -> RandomPolicy:
+def random_policy(num_layers: int, num_options: int, seed: int) -> RandomPolicy:
     """A fresh seeded random policy: every evaluation draws the same profits, whatever ran before."""
-    return RandomPolicy(num_layers, num_options, seed=cfg["evaluate"]["random_policy_seed"])
+    return RandomPolicy(num_layers, num_options, seed=seed)
 
 
 # --- Table 1: the highlight rule -----------------------------------------------------------------
@@ -195,68 +151,76 @@ def transitory_pct(fp_r_correct, fp_d_correct, q_d_correct) -> float:
     return 100.0 * (flags[0] & flags[1] & ~flags[2]).float().mean().item()
 
 
-def evaluate_arch(cfg: Mapping, arch: str, network: str | Path, pairs: str | Path, out_dir: str | Path) -> None:
-    """Tables 1-3 of one arch into ``out_dir``/table1.csv, table2.csv, table3.csv.
+def evaluate_arch(seed: int, network: str | Path, pairs: Sequence[str | Path], out: Mapping[str, str | Path], *,
+                  dataset: Mapping, runtime: Mapping, quant: Mapping, profits: str, batch_size: int,
+                  highlight_max_fp_gap: float, random_policy_seed: int) -> None:
+    """Tables 1-3 of one arch and seed into ``out["table1"]``, ``out["table2"]``, ``out["table3"]``.
 
-    ``network`` is the distilled white-box checkpoint, ``pairs`` a path template with ``{version}``,
-    ``{budget}`` and ``{mode}``. Every (network, policy) combination is one pass over the test
-    set; each network's full-precision predictions are computed once and reused.
+    ``network`` is the distilled white-box checkpoint, ``pairs`` every pair checkpoint of the arch
+    (each knows its cell; Table 1 keeps their order). Every (network, policy) combination is one
+    pass over the test set; each network's full-precision predictions are computed once and reused.
     """
-    dev = runtime.setup(cfg)
-    loader = data.loader(data.build(cfg, "test"), cfg["evaluate"]["batch_size"], cfg)
-    white = load_white_box(cfg, arch, network, dev)
-    white_fp, labels = predict(white, loader, cfg, dev)
-    p = cfg["pairs"]
-    cells = [(v, b, m) for v in p["versions"] for b in p["budgets"] for m in p["modes"]]
-    fp, q, rows = {}, {}, []
-    for version, budget, mode in tqdm(cells, desc=f"{arch}: table 1", leave=False):
-        pair = load_pair(cfg, arch, pair_path(pairs, version, budget, mode), dev, version, budget, mode)
-        key = (version, budget, mode)
-        fp[key] = predict(pair.quant, loader, cfg, dev)[0]
-        q[key] = predict(pair.quant, loader, cfg, dev, policy=pair.policy, options=pair.options, capacity=pair.capacity)[0]
+    rt, test = Runtime(seed, **runtime), Data(**dataset)
+    loader = test.loader(test.build("test"), batch_size, rt)
+    white = checkpoint.white_box(network, rt, test.image_size, quant)
+    white_fp, labels = predict(white, loader, rt)
+    fp, q, loaded, rows, levels = {}, {}, {}, [], {}
+    arch = None
+    for path in tqdm(pairs, desc="table 1", leave=False):
+        pair = checkpoint.pair(path, rt, test.image_size, quant)
+        cell, arch = pair.cell, pair.arch
+        key = (cell["version"], cell["budget"], cell["mode"])
+        levels[cell["budget"]] = cell["level"]
+        loaded[key] = pair
+        fp[key] = predict(pair.quant, loader, rt)[0]
+        q[key] = predict(pair.quant, loader, rt, profits, policy=pair.policy, options=pair.options,
+                         capacity=pair.capacity)[0]
         fp_acc, q_acc = accuracy(fp[key], labels), accuracy(q[key], labels)
-        rows.append(dict(arch=arch, version=version, budget=budget, mode=mode,
+        rows.append(dict(seed=seed, arch=arch, version=key[0], budget=key[1], mode=key[2],
                          options=f"{min(pair.options)}-{max(pair.options)}", capacity=pair.capacity,
                          fp_acc=fp_acc, q_acc=q_acc, delta=q_acc - fp_acc))
     table1 = pd.DataFrame(rows)
-    version, budget = highlight(table1, cfg["evaluate"]["highlight_max_fp_gap"], budget_order(cfg), list(p["versions"]))
+    versions = list(dict.fromkeys(table1["version"]))
+    version, budget = highlight(table1, highlight_max_fp_gap, budget_order(levels), versions)
     table1["highlighted"] = (table1["version"] == version) & (table1["budget"] == budget)
     table1["white_box_acc"] = accuracy(white_fp, labels)
 
     r, d = (version, budget, "robust"), (version, budget, "detrimental")
-    table2 = pd.DataFrame([dict(arch=arch, transitory_pct=transitory_pct(fp[r] == labels, fp[d] == labels, q[d] == labels))])
-    table3 = cross_policy(cfg, arch, dev, loader, labels, white, white_fp, pairs, version, budget, known=(fp, q))
+    table2 = pd.DataFrame([dict(seed=seed, arch=arch, transitory_pct=transitory_pct(fp[r] == labels, fp[d] == labels,
+                                                                                     q[d] == labels))])
+    random = functools.partial(random_policy, seed=random_policy_seed)
+    table3 = cross_policy(loader, rt, profits, labels, white, white_fp, loaded[r], loaded[d], random,
+                          known=(fp, q, r, d)).assign(arch=arch)
+    table3.insert(0, "seed", seed)
+    for name, table, columns in (("table1", table1, TABLE1_COLUMNS), ("table2", table2, TABLE2_COLUMNS),
+                                 ("table3", table3, TABLE3_COLUMNS)):
+        Path(out[name]).parent.mkdir(parents=True, exist_ok=True)
+        table[columns].to_csv(out[name], index=False)
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    table1[TABLE1_COLUMNS].to_csv(out_dir / "table1.csv", index=False)
-    table2[TABLE2_COLUMNS].to_csv(out_dir / "table2.csv", index=False)
-    table3[TABLE3_COLUMNS].to_csv(out_dir / "table3.csv", index=False)
 
-
-def cross_policy(cfg: Mapping, arch: str, dev: torch.device, loader, labels: Tensor, white: DynamicQuant,
-                 white_fp: Tensor, pairs: str | Path, version: str, budget: str, known: tuple[dict, dict]) -> pd.DataFrame:
+def cross_policy(loader, rt: Runtime, profits: str, labels: Tensor, white: DynamicQuant, white_fp: Tensor,
+                 robust: Pair, detrimental: Pair, random_policy, known: tuple) -> pd.DataFrame:
     """Table 3: networks {W, R, D} × policies {π_R, π_D, random} at the highlighted cell's budget.
 
-    ``known`` holds Table 1's (FP, own-policy) predictions, keyed (version, budget, mode), so the
-    R-with-π_R and D-with-π_D passes are not repeated.
+    ``known`` holds Table 1's (FP, own-policy) predictions and the two pairs' keys, so the
+    R-with-π_R and D-with-π_D passes are not repeated; ``random_policy(N, K)`` makes a fresh
+    seeded random policy.
     """
-    fp, q = known
-    loaded = {mode: load_pair(cfg, arch, pair_path(pairs, version, budget, mode), dev, version, budget, mode)
-              for mode in ("robust", "detrimental")}
-    options, capacity = loaded["robust"].options, loaded["robust"].capacity
-    networks = {"white_box": (white, white_fp), **{m: (loaded[m].quant, fp[(version, budget, m)]) for m in loaded}}
+    fp, q, r, d = known
+    options, capacity = robust.options, robust.capacity
+    pairs = {"robust": (robust, r), "detrimental": (detrimental, d)}
+    networks = {"white_box": (white, white_fp), **{m: (pair.quant, fp[key]) for m, (pair, key) in pairs.items()}}
     rows = []
-    for name, (quant, fp_preds) in tqdm(networks.items(), desc=f"{arch}: table 3", leave=False):
+    for name, (quant, fp_preds) in tqdm(networks.items(), desc="table 3", leave=False):
         for policy_name in ("robust", "detrimental", "random"):
             if policy_name == name:
-                preds = q[(version, budget, name)]
+                preds = q[pairs[name][1]]
             else:
-                policy = (loaded[policy_name].policy if policy_name in loaded
-                          else random_policy(quant.num_layers, len(options), cfg))
-                preds = predict(quant, loader, cfg, dev, policy=policy, options=options, capacity=capacity)[0]
-            rows.append(dict(arch=arch, network=name, policy=policy_name,
-                             q_acc=accuracy(preds, labels), fp_acc=accuracy(fp_preds, labels)))
+                policy = (pairs[policy_name][0].policy if policy_name in pairs
+                          else random_policy(quant.num_layers, len(options)))
+                preds = predict(quant, loader, rt, profits, policy=policy, options=options, capacity=capacity)[0]
+            rows.append(dict(network=name, policy=policy_name, q_acc=accuracy(preds, labels),
+                             fp_acc=accuracy(fp_preds, labels)))
     return pd.DataFrame(rows)
 
 
@@ -265,14 +229,47 @@ def read_table(path: str | Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype={"version": str, "budget": str, "options": str})
 
 
-def merge_tables(arch_dirs: Sequence[str | Path], out_dir: str | Path) -> None:
-    """Concatenate every arch's table1/2/3.csv into ``out_dir``/table1.csv, table2.csv, table3.csv."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, columns in (("table1.csv", TABLE1_COLUMNS), ("table2.csv", TABLE2_COLUMNS), ("table3.csv", TABLE3_COLUMNS)):
-        tables = [read_table(Path(d) / name) for d in arch_dirs]
-        for d, table in zip(arch_dirs, tables):
+def ci95(values: pd.Series) -> float:
+    """Half-width of the 95 % Student-t interval of the mean: t₀.₉₇₅,ₙ₋₁ · s / √n (s the sample
+    standard deviation); NaN for n = 1, where no interval exists."""
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    return float(stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / np.sqrt(n))
+
+
+def summarize(table1: pd.DataFrame, max_fp_gap: float, budget_levels: Mapping[str, float]) -> pd.DataFrame:
+    """Per (arch, version, budget, mode): ``n_seeds``, mean and :func:`ci95` of fp_acc, q_acc, delta
+    and white_box_acc over the seeds, and the highlighted cell chosen on the means (§2.13)."""
+    keys = ["arch", "version", "budget", "mode", "options", "capacity"]
+    grouped = table1.groupby(keys, sort=False)
+    out = grouped.size().rename("n_seeds").reset_index()
+    for column in ("fp_acc", "q_acc", "delta", "white_box_acc"):
+        out[f"{column}_mean"] = grouped[column].mean().to_numpy()
+        out[f"{column}_ci95"] = grouped[column].agg(ci95).to_numpy()
+    out["highlighted"] = False
+    order = budget_order(budget_levels)
+    for arch, rows in out.groupby("arch", sort=False):
+        means = rows.rename(columns={"fp_acc_mean": "fp_acc", "delta_mean": "delta"})
+        version, budget = highlight(means, max_fp_gap, order, list(dict.fromkeys(rows["version"])))
+        out.loc[rows.index, "highlighted"] = (rows["version"] == version) & (rows["budget"] == budget)
+    return out[SUMMARY_COLUMNS]
+
+
+def merge_tables(table1: Sequence, table2: Sequence, table3: Sequence, out: Mapping[str, str | Path], *,
+                 highlight_max_fp_gap: float, budget_levels: Mapping[str, float]) -> None:
+    """Concatenate the per-(seed, arch) tables into ``out["table1"]``, ``["table2"]``, ``["table3"]``,
+    and write ``out["summary"]`` (:func:`summarize`)."""
+    merged = {}
+    for name, paths, columns in (("table1", table1, TABLE1_COLUMNS), ("table2", table2, TABLE2_COLUMNS),
+                                 ("table3", table3, TABLE3_COLUMNS)):
+        tables = [read_table(p) for p in paths]
+        for path, table in zip(paths, tables):
             if list(table.columns) != columns:
-                raise ValueError(f"{Path(d) / name}: columns {list(table.columns)}, expected {columns}; "
-                                 "re-run the evaluate job for that arch")
-        pd.concat(tables, ignore_index=True).to_csv(out_dir / name, index=False)
+                raise ValueError(f"{path}: columns {list(table.columns)}, expected {columns}; "
+                                 "re-run the evaluate job that writes it")
+        merged[name] = pd.concat(tables, ignore_index=True)
+    merged["summary"] = summarize(merged["table1"], highlight_max_fp_gap, budget_levels)
+    for name, table in merged.items():
+        Path(out[name]).parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(out[name], index=False)

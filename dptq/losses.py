@@ -1,4 +1,4 @@
-"""Losses (SPEC §2): distillation KL and the robust/detrimental hinge on the quantized student."""
+"""Losses (docs/method.md §2.10): distillation KL and the robust/detrimental hinge on the quantized student."""
 from __future__ import annotations
 
 import torch

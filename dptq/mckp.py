@@ -1,4 +1,4 @@
-"""Exact multiple-choice knapsack with an equality budget, batched over examples (SPEC §2).
+"""Exact multiple-choice knapsack with an equality budget, batched over examples (docs/method.md §2.8).
 
 For every example: choose one option k_n per layer n to maximise Σ_n P[n, k_n] subject to
 Σ_n options[k_n] = C. With w_k = options[k] - min(options) and C' = C - N·min(options), the

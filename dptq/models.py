@@ -1,30 +1,48 @@
-"""timm networks: creation (from scratch, the hub, or a local weights file) and layer counts."""
+"""timm networks: creation (from scratch, the hub, or a local weights file) and layer counts.
+
+timm and torch are imported where a network is built, not at import time: the config check
+(every ``snakemake -n``, every job) only needs names and layer counts, which
+``layer_counts.yaml`` holds for the usual archs (a test keeps it equal to timm's).
+"""
 from __future__ import annotations
 
 import functools
+from importlib import resources
 from pathlib import Path
 
-import timm
-import torch
-from torch import nn
+import yaml
+
+
+@functools.cache
+def _counted() -> dict[str, int]:
+    """Layer counts measured once with the pinned timm (``dptq/layer_counts.yaml``)."""
+    return yaml.safe_load(resources.files("dptq").joinpath("layer_counts.yaml").read_text())["layers"]
 
 
 def exists(name: str) -> bool:
+    if name in _counted():
+        return True
+    import timm
+
     return timm.is_model(name)
 
 
 @functools.cache
 def known_names() -> tuple[str, ...]:
+    import timm
+
     return tuple(timm.list_models())
 
 
-def create(arch: str, num_classes: int, pretrained: bool | str = False) -> nn.Module:
+def create(arch: str, num_classes: int, pretrained: bool | str = False):
     """A timm model with a fresh ``num_classes`` head.
 
     ``pretrained`` is ``False`` (from scratch), ``True`` (timm's hub) or the path of a local
     weights file, loaded through timm's pretrained-config overlay so that the head is replaced
     exactly as for hub weights (the air-gapped cluster case).
     """
+    import timm
+
     if isinstance(pretrained, str):
         path = Path(pretrained)
         if not path.is_file():
@@ -36,11 +54,19 @@ def create(arch: str, num_classes: int, pretrained: bool | str = False) -> nn.Mo
     return timm.create_model(arch, pretrained=bool(pretrained), num_classes=num_classes)
 
 
-@functools.cache
-def num_quantizable_layers(arch: str) -> int:
+def count_quantizable_layers(arch: str) -> int:
     """N for ``arch``, counted by a dry run on the meta device (no weights, no compute)."""
+    import timm
+    import torch
+
     from .quant import quantizable_layers
 
     with torch.device("meta"):
         model = timm.create_model(arch, num_classes=10)
     return len(quantizable_layers(model, device="meta"))
+
+
+@functools.cache
+def num_quantizable_layers(arch: str) -> int:
+    """N for ``arch``: from ``layer_counts.yaml`` when it lists the arch, else counted."""
+    return _counted().get(arch) or count_quantizable_layers(arch)

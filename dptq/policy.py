@@ -1,4 +1,4 @@
-"""Bit-width policies (SPEC §2): the small CNN that reads an image and scores every
+"""Bit-width policies (docs/method.md §2.7, §2.9): the small CNN that reads an image and scores every
 (layer, option) pair, the seeded random policy, and the allocation through the MCKP."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Fake quantization (SPEC §2): 16-bit symmetric weights, dynamic per-example activations.
+"""Fake quantization (docs/method.md §2.2-2.4): 16-bit symmetric weights, dynamic per-example activations.
 
 A network runs quantized through :class:`DynamicQuant`, which hooks the inputs of its
 quantizable layers and swaps in fake-quantized weights for one call with

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -12,52 +11,43 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def device(cfg: Mapping) -> torch.device:
-    """``runtime.device``: ``auto`` takes CUDA when present, else the CPU."""
-    choice = cfg["runtime"]["device"]
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("runtime.device: 'cuda' was asked for but no CUDA device is visible; set it to 'auto' or 'cpu'")
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(choice)
+class Runtime:
+    """The config's ``runtime`` section, started for one job (``Runtime(seed, **runtime)``).
 
+    Starting seeds every RNG with the job's training seed and fixes torch's CPU threads;
+    ``device: auto`` takes CUDA when present, else the CPU.
+    """
 
-def setup(cfg: Mapping, seed_offset: int = 0) -> torch.device:
-    """Seed every RNG, fix CPU threads and deterministic kernels; return the device."""
-    torch.set_num_threads(cfg["runtime"]["threads"])
-    seed = cfg["seed"] + seed_offset
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    dev = device(cfg)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return dev
+    def __init__(self, seed: int, *, device: str, bf16: bool, channels_last: bool, threads: int):
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("runtime.device: 'cuda' was asked for but no CUDA device is visible; set it to 'auto' or 'cpu'")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.dev, self.bf16, self.seed = torch.device(device), bf16, seed
+        # oneDNN's CPU convolutions gain from channels_last too (inference 1.05-3.5x faster at
+        # 32 px, bench/NOTES.md), as cuDNN's do under bf16
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        torch.set_num_threads(threads)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        if self.dev.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
 
+    def autocast(self):
+        """bf16 autocast on CUDA when ``runtime.bf16``; a no-op on the CPU (keeps CPU runs exact)."""
+        if self.dev.type == "cuda" and self.bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
-def autocast(cfg: Mapping, dev: torch.device):
-    """bf16 autocast on CUDA when ``runtime.bf16``; a no-op on the CPU (keeps CPU runs exact)."""
-    if dev.type == "cuda" and cfg["runtime"]["bf16"]:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def memory_format(cfg: Mapping, dev: torch.device) -> torch.memory_format:
-    """``runtime.channels_last`` on any device: oneDNN's CPU convolutions gain from it too
-    (inference 1.05-3.5x faster at 32 px, bench/NOTES.md), as cuDNN's do under bf16."""
-    if cfg["runtime"]["channels_last"]:
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def to_device(module: nn.Module, cfg: Mapping, dev: torch.device) -> nn.Module:
-    """``module`` on ``dev`` in the configured memory format, its one-pixel convolutions rewritten
-    for ``dataset.image_size`` inputs (:func:`fold_one_pixel_convs`)."""
-    module = module.to(device=dev, memory_format=memory_format(cfg, dev))
-    fold_one_pixel_convs(module, cfg["dataset"]["image_size"])
-    return module
+    def to_device(self, module: nn.Module, image_size: int) -> nn.Module:
+        """``module`` on the device in the configured memory format, its one-pixel convolutions
+        rewritten for ``image_size`` inputs (:func:`fold_one_pixel_convs`)."""
+        module = module.to(device=self.dev, memory_format=self.memory_format)
+        fold_one_pixel_convs(module, image_size)
+        return module
 
 
 class OnePixelConv2d(nn.Conv2d):

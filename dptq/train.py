@@ -1,4 +1,5 @@
-"""Training (paper Sect. 3.1-3.3 and "Training Details"): one loop for three stages.
+"""Training (paper Sect. 3.1-3.3 and "Training Details"; docs/method.md §2.10-2.11): one loop
+for three stages.
 
 - teacher: a timm ResNet50 fine-tuned with cross-entropy and label smoothing; afterwards it is
   used query-only (:func:`query_only`), the "black box";
@@ -7,9 +8,12 @@
 - pair: a trainable copy S of the distilled network W and a fresh policy π learn
   α · KD(S_fp, W) + β · hinge(S_q(π), W) in robust or detrimental mode.
 
-:func:`fit` runs any :class:`Stage`: per-step warm-up and cosine schedule, progress bar, a metrics CSV, an
-atomic resume file after every epoch (and on SIGTERM, mid-epoch) holding every RNG state, so a
-killed run resumes to the same weights as one that never stopped.
+A :class:`Stage` carries its own :class:`Recipe` (optimiser, schedule, augmentation, mixup,
+clipping, best-epoch choice, validation batch), so :func:`fit` never names a stage. ``fit``
+restores (:func:`_restore`), runs epochs (:func:`_epoch`) and keeps the best (:func:`_keep_best`):
+per-step warm-up and cosine schedule, progress bar, a metrics CSV, an atomic resume file after
+every epoch (and on SIGTERM, mid-epoch) holding every RNG state, so a killed run resumes to the
+same weights as one that never stopped.
 """
 from __future__ import annotations
 
@@ -22,19 +26,19 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from . import budgets, checkpoint, data, models, runtime
-from .config import section_for
-from .evaluate import network_input
+from . import budgets, checkpoint, models
+from .data import Data, mixup, network_input, batch_order
 from .losses import hinge_loss, kd_loss
 from .policy import BitPolicy, allocate
 from .quant import DynamicQuant
-
+from .runtime import Runtime
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss); the message names stage, epoch and step."""
@@ -44,38 +48,51 @@ class Preempted(SystemExit):
     """SIGTERM arrived (SLURM time limit or preemption); the state is saved, re-run to resume."""
 
 
-def query_only(model: nn.Module, cfg: Mapping, dev: torch.device) -> Callable[[Tensor], Tensor]:
+def query_only(model: nn.Module, rt: Runtime, image_size: int) -> Callable[[Tensor], Tensor]:
     """A frozen network as a black box: images in, logits out; no parameters, no gradients."""
-    model = runtime.to_device(model, cfg, dev).eval().requires_grad_(False)
+    model = rt.to_device(model, image_size).eval().requires_grad_(False)
 
     @torch.no_grad()
     def query(images: Tensor) -> Tensor:
-        with runtime.autocast(cfg, dev):
+        with rt.autocast():
             return model(images).float()
 
     return query
 
 
-def optimizer_for(section: Mapping, params) -> torch.optim.Optimizer:
-    if section["optimizer"] == "sgd":
-        return torch.optim.SGD(params, lr=section["lr"], momentum=section["momentum"], weight_decay=section["weight_decay"])
-    return torch.optim.AdamW(params, lr=section["lr"], weight_decay=section["weight_decay"])
+@dataclass(frozen=True)
+class Recipe:
+    """How a stage trains, from its config section: optimiser and schedule, the stage's
+    RandAugment, mixup (0: none), gradient clipping (None: none), whether the best validation
+    epoch is kept, and the validation batch size."""
+
+    epochs: int
+    optimizer: str
+    lr: float
+    min_lr: float
+    warmup_epochs: float
+    momentum: float
+    weight_decay: float
+    batch_size: int
+    randaugment: Mapping
+    val_batch_size: int
+    mixup_alpha: float = 0.0
+    grad_clip: float | None = None
+    select_best: bool = False
+
+    def optimizer_for(self, params) -> torch.optim.Optimizer:
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
 
 
 class Stage:
-    """What differs between the stages: modules, loss, validation, checkpoint."""
+    """What differs between the stages: modules, loss, validation, checkpoint content."""
 
     name: str
-    section: str  # the config section with epochs, lr, ...
-    mixup: bool = False
-    arch: str | None = None  # resolves the section's per-arch settings
 
-    def __init__(self, cfg: Mapping, dev: torch.device):
-        self.cfg, self.dev = cfg, dev
-
-    def settings(self) -> dict:
-        """The config section (epochs, lr, batch size, ...) with per-arch values resolved."""
-        return section_for(self.cfg, self.section, self.arch)
+    def __init__(self, recipe: Recipe, data: Data, rt: Runtime):
+        self.recipe, self.data, self.rt = recipe, data, rt
 
     def modules(self) -> dict[str, nn.Module]:
         raise NotImplementedError
@@ -83,6 +100,9 @@ class Stage:
     def train_mode(self) -> None:
         for module in self.modules().values():
             module.train()
+
+    def inputs(self, images: Tensor) -> Tensor:
+        return network_input(images, self.rt)
 
     def loss(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """(loss, number of correct top-1 predictions) for one training batch."""
@@ -92,7 +112,12 @@ class Stage:
     def validate(self, loader) -> dict[str, float]:
         """Held-out metrics after an epoch; ``objective`` (lower is better) picks the best epoch."""
         self.model.eval()
-        acc = _accuracy_pass(self, loader, self.model)
+        correct = total = 0
+        for images, labels in loader:
+            with self.rt.autocast():
+                correct += (self.model(self.inputs(images)).argmax(1).cpu() == labels).sum().item()
+            total += len(labels)
+        acc = 100.0 * correct / max(total, 1)
         return {"val_acc": acc, "objective": -acc}
 
     def result(self) -> dict:
@@ -100,61 +125,47 @@ class Stage:
         raise NotImplementedError
 
 
-def _inputs(images: Tensor, stage: Stage) -> Tensor:
-    return network_input(images, stage.cfg, stage.dev)
-
-
-def _accuracy_pass(stage: Stage, loader, forward: Callable[[Tensor], Tensor]) -> float:
-    correct = total = 0
-    for images, labels in loader:
-        with runtime.autocast(stage.cfg, stage.dev):
-            correct += (forward(_inputs(images, stage)).argmax(1).cpu() == labels).sum().item()
-        total += len(labels)
-    return 100.0 * correct / max(total, 1)
-
-
 class TeacherStage(Stage):
-    name, section = "teacher", "teacher"
+    name = "teacher"
 
-    def __init__(self, cfg, dev, num_classes: int):
-        super().__init__(cfg, dev)
-        t = cfg["teacher"]
-        self.model = runtime.to_device(models.create(t["arch"], num_classes, t["pretrained"]), cfg, dev)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=t["label_smoothing"])
-        self.num_classes = num_classes
+    def __init__(self, recipe, data, rt, arch: str, pretrained: bool | str, label_smoothing: float):
+        super().__init__(recipe, data, rt)
+        self.arch, self.num_classes = arch, data.num_classes()
+        self.model = rt.to_device(models.create(arch, self.num_classes, pretrained), data.image_size)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 
     def modules(self):
         return {"model": self.model}
 
     def loss(self, images, labels):
-        with runtime.autocast(self.cfg, self.dev):
-            logits = self.model(_inputs(images, self))
-        labels = labels.to(self.dev)
+        with self.rt.autocast():
+            logits = self.model(self.inputs(images))
+        labels = labels.to(self.rt.dev)
         return self.criterion(logits.float(), labels), (logits.argmax(1) == labels).sum()
 
     def result(self):
-        return {"kind": "teacher", "arch": self.cfg["teacher"]["arch"], "num_classes": self.num_classes}
+        return {"kind": "teacher", "arch": self.arch, "num_classes": self.num_classes}
 
 
 class DistillStage(Stage):
-    name, section, mixup = "distill", "kd", True
+    name = "distill"
 
-    def __init__(self, cfg, dev, arch: str, teacher: Mapping):
-        super().__init__(cfg, dev)
-        self.arch, self.num_classes = arch, teacher["num_classes"]
-        self.teacher = query_only(checkpoint.network(teacher), cfg, dev)
-        self.model = runtime.to_device(models.create(arch, self.num_classes), cfg, dev)
+    def __init__(self, recipe, data, rt, arch: str, teacher: Mapping, temperature: float):
+        super().__init__(recipe, data, rt)
+        self.arch, self.num_classes, self.temperature = arch, teacher["num_classes"], temperature
+        self.teacher = query_only(checkpoint.network(teacher), rt, data.image_size)
+        self.model = rt.to_device(models.create(arch, self.num_classes), data.image_size)
 
     def modules(self):
         return {"model": self.model}
 
     def loss(self, images, labels):
         """Consistent: the teacher scores exactly the augmented, mixed batch the student sees."""
-        x = _inputs(images, self)
+        x = self.inputs(images)
         targets = self.teacher(x)
-        with runtime.autocast(self.cfg, self.dev):
+        with self.rt.autocast():
             logits = self.model(x)
-        return kd_loss(logits, targets, self.cfg["kd"]["temperature"]), (logits.argmax(1) == targets.argmax(1)).sum()
+        return kd_loss(logits, targets, self.temperature), (logits.argmax(1) == targets.argmax(1)).sum()
 
     def result(self):
         return {"kind": "distill", "arch": self.arch, "num_classes": self.num_classes}
@@ -163,23 +174,28 @@ class DistillStage(Stage):
 class PairStage(Stage):
     """A robust or detrimental network/policy pair grown from the distilled network W."""
 
-    name, section = "pair", "pairs"
+    name = "pair"
 
-    def __init__(self, cfg, dev, arch: str, version: str, budget: str, mode: str, network: Mapping):
-        super().__init__(cfg, dev)
-        pairs, q = cfg["pairs"], cfg["quant"]
-        self.arch, self.mode, self.num_classes = arch, mode, network["num_classes"]
+    def __init__(self, recipe, data, rt, network: Mapping, cell: Mapping, quant: Mapping, policy: Mapping,
+                 margin: float, alpha: float, beta: float, temperature: float):
+        super().__init__(recipe, data, rt)
+        self.arch, self.mode, self.num_classes = network["arch"], cell["mode"], network["num_classes"]
+        self.margin, self.alpha, self.beta, self.temperature = margin, alpha, beta, temperature
+        self.profits = policy["profits"]
         white_box = checkpoint.network(network)
-        self.teacher = query_only(copy.deepcopy(white_box), cfg, dev)
-        self.student = runtime.to_device(white_box, cfg, dev)
-        self.quant = DynamicQuant(self.student, weight_bits=q["weight_bits"], scale_rule=q["activation_scale"],
-                                  percentile=q["percentile"], image_size=cfg["dataset"]["image_size"])
-        self.options, self.capacity = budgets.cell(cfg, arch, version, budget, self.quant.num_layers)
-        self.policy = runtime.to_device(BitPolicy(self.quant.num_layers, len(self.options), pairs["policy"]["input_size"],
-                                                  pairs["policy"]["width"]), cfg, dev)
-        self.cell = dict(version=version, budget=budget, mode=mode, options=self.options, capacity=self.capacity,
-                         num_layers=self.quant.num_layers, policy_input_size=pairs["policy"]["input_size"],
-                         policy_width=pairs["policy"]["width"])
+        self.teacher = query_only(copy.deepcopy(white_box), rt, data.image_size)
+        self.student = rt.to_device(white_box, data.image_size)
+        self.quant = DynamicQuant(self.student, weight_bits=quant["weight_bits"], scale_rule=quant["activation_scale"],
+                                  percentile=quant["percentile"], image_size=data.image_size)
+        where = f"arch {self.arch}, version {cell['version']}, budget {cell['budget']}"
+        self.options, self.capacity = budgets.cell(self.quant.num_layers, cell["bit_range"], cell["level"],
+                                                   cell["offset"], where=where)
+        self.policy = rt.to_device(BitPolicy(self.quant.num_layers, len(self.options), policy["input_size"],
+                                             policy["width"]), data.image_size)
+        # the level orders the budgets for the highlight rule's tie-break, without the config
+        self.cell = dict(version=cell["version"], budget=cell["budget"], mode=cell["mode"], options=self.options,
+                         capacity=self.capacity, level=cell["level"], num_layers=self.quant.num_layers,
+                         policy_input_size=policy["input_size"], policy_width=policy["width"])
 
     def modules(self):
         return {"model": self.student, "policy": self.policy}
@@ -190,19 +206,18 @@ class PairStage(Stage):
         self.policy.train()
 
     def _losses(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        p = self.cfg["pairs"]
         targets = self.teacher(x)
-        with runtime.autocast(self.cfg, self.dev):
-            bits = allocate(self.policy, x, self.options, self.capacity, p["policy"]["profits"])
+        with self.rt.autocast():
+            bits = allocate(self.policy, x, self.options, self.capacity, self.profits)
             fp_logits = self.student(x)
             q_logits = self.quant(x, bits)
-        kd = kd_loss(fp_logits, targets, self.cfg["kd"]["temperature"])
-        hinge = hinge_loss(q_logits, targets, p["margin"], self.mode)
-        return p["alpha"] * kd + p["beta"] * hinge, targets, fp_logits, q_logits
+        kd = kd_loss(fp_logits, targets, self.temperature)
+        hinge = hinge_loss(q_logits, targets, self.margin, self.mode)
+        return self.alpha * kd + self.beta * hinge, targets, fp_logits, q_logits
 
     def loss(self, images, labels):
-        loss, _, _, q_logits = self._losses(_inputs(images, self))
-        return loss, (q_logits.argmax(1) == labels.to(self.dev)).sum()
+        loss, _, _, q_logits = self._losses(self.inputs(images))
+        return loss, (q_logits.argmax(1) == labels.to(self.rt.dev)).sum()
 
     @torch.no_grad()
     def validate(self, loader):
@@ -210,8 +225,8 @@ class PairStage(Stage):
         self.policy.eval()
         total = objective = fp_correct = q_correct = 0.0
         for images, labels in loader:
-            loss, _, fp_logits, q_logits = self._losses(_inputs(images, self))
-            labels = labels.to(self.dev)
+            loss, _, fp_logits, q_logits = self._losses(self.inputs(images))
+            labels = labels.to(self.rt.dev)
             objective += loss.item() * len(labels)
             fp_correct += (fp_logits.argmax(1) == labels).sum().item()
             q_correct += (q_logits.argmax(1) == labels).sum().item()
@@ -286,110 +301,141 @@ def lr_factor(step: int, total: int, warmup: int, floor: float) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def fit(stage: Stage, out: str | Path, metrics: str | Path) -> None:
-    """Train ``stage`` for ``cfg[section].epochs`` epochs; write the checkpoint ``out`` atomically.
+
+
+class _Run:
+    """The mutable state of one :func:`fit`: optimiser, schedule and progress, saved as a unit."""
+
+    def __init__(self, stage: Stage, steps_per_epoch: int):
+        recipe = stage.recipe
+        self.params = [p for m in stage.modules().values() for p in m.parameters() if p.requires_grad]
+        self.optimizer = recipe.optimizer_for(self.params)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(
+            lr_factor, total=recipe.epochs * steps_per_epoch, warmup=round(recipe.warmup_epochs * steps_per_epoch),
+            floor=recipe.min_lr / recipe.lr))
+        self.state = {"epoch": 0, "step": 0, "history": [], "best": None, "best_objective": math.inf,
+                      "running": [0.0, 0.0, 0]}
+
+    def save(self, stage: Stage, resume: Path) -> None:
+        weights = {name: module.state_dict() for name, module in stage.modules().items()}
+        checkpoint.save({"kind": f"{stage.name}-resume", **weights, "optimizer": self.optimizer.state_dict(),
+                         "scheduler": self.scheduler.state_dict(), "rng": _rng_state(), **self.state}, resume)
+
+
+def _restore(stage: Stage, run: _Run, resume: Path) -> None:
+    """Continue from ``resume`` when it exists: weights, optimiser, schedule, progress, RNG states."""
+    if not resume.exists():
+        return
+    saved = checkpoint.load(resume, kind=f"{stage.name}-resume",
+                            recover=f"delete {resume} to start this stage again from scratch (its progress is lost)")
+    for name, module in stage.modules().items():
+        module.load_state_dict(saved[name])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.scheduler.load_state_dict(saved["scheduler"])
+    run.state = {k: saved[k] for k in run.state}
+    _set_rng_state(saved["rng"])
+    print(f"{stage.name}: resuming from {resume} at epoch {run.state['epoch'] + 1}, step {run.state['step']}",
+          file=sys.stderr)
+
+
+def _epoch(stage: Stage, run: _Run, loader, total_steps: int, sigterm: _Sigterm, resume: Path, out: Path) -> float:
+    """Train one (possibly resumed) epoch; returns its start time. Losses are read back about once
+    a second in one transfer, not once per step."""
+    recipe, state, running = stage.recipe, run.state, run.state["running"]
+    epoch = state["epoch"]
+    stage.train_mode()
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=f"{stage.name} epoch {epoch + 1}/{recipe.epochs}", initial=state["step"], total=total_steps,
+               leave=False, file=sys.stderr, mininterval=1.0)
+    pending: list[tuple[int, Tensor, Tensor]] = []  # (batch size, loss, hits) not yet read back
+    last_sync = time.perf_counter()
+
+    def sync() -> None:
+        if pending:
+            losses = torch.stack([p[1] for p in pending]).double().cpu().tolist()
+            hits = torch.stack([p[2] for p in pending]).cpu().tolist()
+            for (n, _, _), value, hit in zip(pending, losses, hits):
+                running[0] += value * n
+                running[1] += hit
+                running[2] += n
+            pending.clear()
+
+    for images, labels in bar:
+        if recipe.mixup_alpha:
+            images = mixup(images, recipe.mixup_alpha)[0]
+        loss, correct = stage.loss(images, labels)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        # the one host sync of a step, after the backward is queued: a non-finite loss must
+        # not reach the weights (a NaN policy would also break the knapsack of the next step)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"{stage.name} ({out}): non-finite loss {loss.item()} at epoch {epoch + 1}, step "
+                                f"{state['step'] + 1}; the last good state is kept in {resume if resume.exists() else 'no file (first epoch)'}; "
+                                f"lower the learning rate or check the data")
+        if recipe.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(run.params, recipe.grad_clip)
+        run.optimizer.step()
+        run.scheduler.step()
+        state["step"] += 1
+        pending.append((len(labels), loss.detach(), correct))
+        if time.perf_counter() - last_sync >= 1.0 or sigterm.received:
+            sync()
+            last_sync = time.perf_counter()
+            bar.set_postfix(loss=f"{running[0] / running[2]:.4f}", acc=f"{100 * running[1] / running[2]:.1f}",
+                            img_s=f"{running[2] / (last_sync - start):.0f}", refresh=False)
+        if sigterm.received:
+            run.save(stage, resume)
+            raise Preempted(f"{stage.name}: SIGTERM at epoch {epoch + 1}, step {state['step']}; state saved to "
+                            f"{resume}; run the job again to resume")
+    sync()
+    return start
+
+
+def _keep_best(stage: Stage, run: _Run, objective: float) -> None:
+    """Remember this epoch's weights when the recipe keeps the best epoch and it is the best so far."""
+    state = run.state
+    if stage.recipe.select_best and objective < state["best_objective"]:
+        state["best_objective"] = objective
+        state["best"] = {name: copy.deepcopy(m.state_dict()) for name, m in stage.modules().items()}
+        state["best"]["epoch"] = state["epoch"] + 1
+
+
+def fit(stage: Stage, seed: int, out: str | Path, metrics: str | Path) -> None:
+    """Train ``stage`` for its recipe's epochs; write the checkpoint ``out`` atomically.
 
     Resumes automatically from ``out.resume`` when present. The learning rate follows
-    :func:`lr_factor` per step.
+    :func:`lr_factor` per step; epoch e shuffles with seed ``seed · 100003 + e``.
     """
-    cfg, section = stage.cfg, stage.settings()
+    recipe, data, rt = stage.recipe, stage.data, stage.rt
     out, metrics = Path(out), Path(metrics)
-    fit_set, val_set = data.build(cfg, "fit", augment=True), data.build(cfg, "val") if cfg["dataset"]["val_fraction"] > 0 else None
-    batch_size = section["batch_size"]
+    fit_set = data.build("fit", randaugment=recipe.randaugment)
+    val_set = data.build("val") if data.val_fraction > 0 else None
+    batch_size = recipe.batch_size
     # drop a last batch of one: BatchNorm cannot normalise a single example in train mode
-    steps_per_epoch = len(data.batch_order(len(fit_set), batch_size)) - (len(fit_set) % batch_size == 1)
-    epochs = section["epochs"]
-    params = [p for m in stage.modules().values() for p in m.parameters() if p.requires_grad]
-    optimizer = optimizer_for(section, params)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
-        lr_factor, total=epochs * steps_per_epoch, warmup=round(section["warmup_epochs"] * steps_per_epoch),
-        floor=section["min_lr"] / section["lr"]))
-    state = {"epoch": 0, "step": 0, "history": [], "best": None, "best_objective": math.inf, "running": [0.0, 0.0, 0]}
+    steps_per_epoch = len(batch_order(len(fit_set), batch_size)) - (len(fit_set) % batch_size == 1)
+    run = _Run(stage, steps_per_epoch)
     resume = resume_path(out)
-    if resume.exists():
-        saved = checkpoint.load(resume, kind=f"{stage.name}-resume",
-                                recover=f"delete {resume} to start this stage again from scratch (its progress is lost)")
-        for name, module in stage.modules().items():
-            module.load_state_dict(saved[name])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        state = {k: saved[k] for k in state}
-        _set_rng_state(saved["rng"])
-        print(f"{stage.name}: resuming from {resume} at epoch {state['epoch'] + 1}, step {state['step']}", file=sys.stderr)
-
-    def save_resume() -> None:
-        weights = {name: module.state_dict() for name, module in stage.modules().items()}
-        checkpoint.save({"kind": f"{stage.name}-resume", **weights, "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "rng": _rng_state(), **state}, resume)
-
-    val_loader = data.loader(val_set, cfg["evaluate"]["batch_size"], cfg) if val_set is not None and len(val_set) else None
+    _restore(stage, run, resume)
+    state = run.state
+    val_loader = data.loader(val_set, recipe.val_batch_size, rt) if val_set is not None and len(val_set) else None
     with _Sigterm() as sigterm:
-        while state["epoch"] < epochs:
+        while state["epoch"] < recipe.epochs:
             epoch = state["epoch"]
-            order = data.batch_order(len(fit_set), batch_size, shuffle=True, seed=cfg["seed"] * 100003 + epoch)[:steps_per_epoch]
-            loader = data.loader(fit_set, batch_size, cfg, batches=order[state["step"]:], seed=epoch)
-            stage.train_mode()
-            start = time.perf_counter()
-            bar = tqdm(loader, desc=f"{stage.name} epoch {epoch + 1}/{epochs}", initial=state["step"], total=len(order),
-                       leave=False, file=sys.stderr, mininterval=1.0)
-            pending: list[tuple[int, Tensor, Tensor]] = []  # (batch size, loss, hits) not yet read back
-            last_sync = time.perf_counter()
-
-            def sync() -> None:
-                """Read the pending steps' losses and hits back in one transfer, not one per step."""
-                if pending:
-                    losses = torch.stack([p[1] for p in pending]).double().cpu().tolist()
-                    hits = torch.stack([p[2] for p in pending]).cpu().tolist()
-                    for (n, _, _), value, hit in zip(pending, losses, hits):
-                        running[0] += value * n
-                        running[1] += hit
-                        running[2] += n
-                    pending.clear()
-
+            order = batch_order(len(fit_set), batch_size, shuffle=True, seed=seed * 100003 + epoch)[:steps_per_epoch]
+            loader = data.loader(fit_set, batch_size, rt, batches=order[state["step"]:], seed=epoch)
+            start = _epoch(stage, run, loader, len(order), sigterm, resume, out)
             running = state["running"]
-            for images, labels in bar:
-                if stage.mixup:
-                    images = data.mixup(images, cfg["kd"]["mixup_alpha"])[0]
-                loss, correct = stage.loss(images, labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                # the one host sync of a step, after the backward is queued: a non-finite loss must
-                # not reach the weights (a NaN policy would also break the knapsack of the next step)
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"{stage.name} ({out}): non-finite loss {loss.item()} at epoch {epoch + 1}, step "
-                                        f"{state['step'] + 1}; the last good state is kept in {resume if resume.exists() else 'no file (first epoch)'}; "
-                                        f"lower the learning rate or check the data")
-                if stage.section == "pairs":
-                    torch.nn.utils.clip_grad_norm_(params, cfg["pairs"]["grad_clip"])
-                optimizer.step()
-                scheduler.step()
-                state["step"] += 1
-                pending.append((len(labels), loss.detach(), correct))
-                if time.perf_counter() - last_sync >= 1.0 or sigterm.received:
-                    sync()
-                    last_sync = time.perf_counter()
-                    bar.set_postfix(loss=f"{running[0] / running[2]:.4f}", acc=f"{100 * running[1] / running[2]:.1f}",
-                                    img_s=f"{running[2] / (last_sync - start):.0f}", refresh=False)
-                if sigterm.received:
-                    save_resume()
-                    raise Preempted(f"{stage.name}: SIGTERM at epoch {epoch + 1}, step {state['step']}; state saved to "
-                                    f"{resume}; run the job again to resume")
-            sync()
             row = {"epoch": epoch + 1, "loss": running[0] / max(running[2], 1), "train_acc": 100 * running[1] / max(running[2], 1),
-                   "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - start, 3)}
+                   "lr": run.optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - start, 3)}
             if val_loader is not None:
                 row.update(stage.validate(val_loader))
             state["history"].append(row)
-            objective = row.get("objective", math.inf)
-            if cfg["pairs"]["select_best"] and stage.section == "pairs" and objective < state["best_objective"]:
-                state["best_objective"] = objective
-                state["best"] = {name: copy.deepcopy(m.state_dict()) for name, m in stage.modules().items()}
-                state["best"]["epoch"] = epoch + 1
-            print(f"{stage.name} epoch {epoch + 1}/{epochs}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                                          for k, v in row.items()), file=sys.stderr)
+            _keep_best(stage, run, row.get("objective", math.inf))
+            print(f"{stage.name} epoch {epoch + 1}/{recipe.epochs}: " + ", ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), file=sys.stderr)
             state.update(epoch=epoch + 1, step=0, running=[0.0, 0.0, 0])
             _write_metrics(metrics, state["history"])
-            save_resume()
+            run.save(stage, resume)
 
     weights = {name: module.state_dict() for name, module in stage.modules().items()}
     result = stage.result()
@@ -401,19 +447,44 @@ def fit(stage: Stage, out: str | Path, metrics: str | Path) -> None:
     resume.unlink(missing_ok=True)
 
 
-def train_teacher(cfg: Mapping, out: str | Path, metrics: str | Path) -> None:
-    dev = runtime.setup(cfg)
-    fit(TeacherStage(cfg, dev, data.num_classes(cfg)), out, metrics)
+# --- the three jobs: each takes its files, its cell and the config pieces it reads -----------------
+
+_OPTIMISATION = ("epochs", "optimizer", "lr", "min_lr", "warmup_epochs", "momentum", "weight_decay", "batch_size",
+                 "randaugment")
 
 
-def distill(cfg: Mapping, arch: str, teacher: str | Path, out: str | Path, metrics: str | Path) -> None:
-    dev = runtime.setup(cfg)
+def _recipe(section: Mapping, val_batch_size: int, **stage_only) -> Recipe:
+    return Recipe(**{k: section[k] for k in _OPTIMISATION}, val_batch_size=val_batch_size, **stage_only)
+
+
+def train_teacher(seed: int, out: str | Path, metrics: str | Path, *, dataset: Mapping, runtime: Mapping,
+                  teacher: Mapping, val_batch_size: int) -> None:
+    rt, data = Runtime(seed, **runtime), Data(**dataset)
+    stage = TeacherStage(_recipe(teacher, val_batch_size), data, rt, teacher["arch"], teacher["pretrained"],
+                         teacher["label_smoothing"])
+    fit(stage, seed, out, metrics)
+
+
+def distill(seed: int, arch: str, teacher: str | Path, out: str | Path, metrics: str | Path, *, dataset: Mapping,
+            runtime: Mapping, kd: Mapping, val_batch_size: int) -> None:
+    """``kd``: the kd section with its per-arch values resolved for ``arch``."""
+    rt, data = Runtime(seed, **runtime), Data(**dataset)
     ckpt = checkpoint.load(teacher, kind="teacher", recover="re-run the teacher stage (snakemake teacher)")
-    fit(DistillStage(cfg, dev, arch, ckpt), out, metrics)
+    recipe = _recipe(kd, val_batch_size, mixup_alpha=kd["mixup_alpha"])
+    fit(DistillStage(recipe, data, rt, arch, ckpt, kd["temperature"]), seed, out, metrics)
 
 
-def train_pair(cfg: Mapping, arch: str, version: str, budget: str, mode: str, network: str | Path,
-               out: str | Path, metrics: str | Path) -> None:
-    dev = runtime.setup(cfg)
+def train_pair(seed: int, arch: str, version: str, budget: str, mode: str, network: str | Path, out: str | Path,
+               metrics: str | Path, *, dataset: Mapping, runtime: Mapping, quant: Mapping, pairs: Mapping,
+               temperature: float, val_batch_size: int) -> None:
+    """``pairs``: the pairs section with this cell's version range, budget level and offset
+    (``versions.{version}``, ``budgets.{budget}``, ``budget_offset.{version}``) and per-arch values
+    resolved."""
+    rt, data = Runtime(seed, **runtime), Data(**dataset)
     ckpt = checkpoint.load(network, kind="distill", arch=arch, recover=f"re-run the distillation of {arch}")
-    fit(PairStage(cfg, dev, arch, version, budget, mode, ckpt), out, metrics)
+    cell = dict(version=version, budget=budget, mode=mode, bit_range=pairs["versions"][version],
+                level=pairs["budgets"][budget], offset=pairs["budget_offset"][version])
+    recipe = _recipe(pairs, val_batch_size, grad_clip=pairs["grad_clip"], select_best=pairs["select_best"])
+    stage = PairStage(recipe, data, rt, ckpt, cell, quant, pairs["policy"], pairs["margin"], pairs["alpha"],
+                      pairs["beta"], temperature)
+    fit(stage, seed, out, metrics)

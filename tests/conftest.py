@@ -61,12 +61,31 @@ def copy_project(dst: Path, smoke: bool = False) -> Path:
     return dst
 
 
+KEY_AUDIT = "key_audit"  # under the smoke run's folder: per job, the declared keys it never read
+
+
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory) -> Path:
-    """A project copy in which ``snakemake --cores 2 --configfile config/smoke.yaml`` has run the whole DAG.
+    """A project copy in which ``snakemake --cores 2 --configfile config/smoke.yaml`` has run the whole DAG,
+    every job recording the config keys it declared but never read (``DPTQ_KEY_AUDIT``).
 
-    Read-only for tests: copy it (``shutil.copytree``, which keeps mtimes) before changing anything.
+    Read-only for tests: copy it (``shutil.copytree``, which keeps mtimes; or :func:`linked_copy`) before
+    changing anything.
     """
-    workdir = copy_project(tmp_path_factory.mktemp("smoke_run"), smoke=True)
-    run([str(BIN / "snakemake"), "--cores", "2", "--configfile", "config/smoke.yaml"], workdir)
+    workdir = copy_project(tmp_path_factory.mktemp("smoke_run"))
+    run(["env", f"DPTQ_KEY_AUDIT={workdir / KEY_AUDIT}", str(BIN / "snakemake"), "--cores", "2",
+         "--configfile", "config/smoke.yaml"], workdir)
     return workdir
+
+
+def linked_copy(src: Path, dst: Path) -> Path:
+    """A copy of a finished run for read-only tools (``snakemake -n``, ``dvc status``): data files
+    hard-linked (same mtimes, no bytes copied), the config files and the tools' own state copied,
+    so that editing them leaves ``src`` untouched."""
+    def copy(path, target):
+        name = Path(path).relative_to(src).parts
+        if name[0] in (".dvc", ".snakemake", ".git") or Path(path).suffix in (".yaml", ".lock"):
+            return shutil.copy2(path, target)
+        return os.link(path, target)
+
+    return Path(shutil.copytree(src, dst, copy_function=copy, symlinks=True))

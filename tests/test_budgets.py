@@ -1,7 +1,7 @@
-"""Capacities of all 27 cells of the three networks (SPEC §2), computed by hand here."""
+"""Capacities of all 27 cells of the three networks (docs/method.md §2.6), computed by hand here."""
 import pytest
 
-from dptq import budgets, config
+from dptq import budgets, config, models
 
 N = {"resnet18": 20, "mobilenetv4_conv_medium": 77, "regnetx_016": 59}
 LEVEL = {"A": 4.0, "B": 5.5, "C": 7.0}
@@ -14,21 +14,29 @@ EXPECTED = {
 }
 
 
-def test_capacity_table_of_the_default_config():
+def test_capacity_of_every_cell_of_the_default_config():
     cfg = config.read_yaml("config.yaml")
-    rows = budgets.table(cfg)
-    assert len(rows) == 27
-    for row in rows:
-        assert row["num_layers"] == N[row["arch"]]
-        assert row["capacity"] == EXPECTED[row["arch"]][row["version"]]["ABC".index(row["budget"])]
-        assert row["options"] == list(range(*{"I": (3, 11), "II": (4, 11), "III": (5, 11)}[row["version"]]))
+    pairs, cells = cfg["pairs"], 0
+    for arch in cfg["kd"]["archs"]:
+        n = models.num_quantizable_layers(arch)
+        assert n == N[arch]
+        for version, bit_range in pairs["versions"].items():
+            for budget, level in pairs["budgets"].items():
+                options, capacity = budgets.cell(n, bit_range, level, pairs["budget_offset"][version])
+                assert capacity == EXPECTED[arch][version]["ABC".index(budget)]
+                assert options == list(range(*{"I": (3, 11), "II": (4, 11), "III": (5, 11)}[version]))
+                cells += 1
+    assert cells == 27 and list(budgets.problems(cfg)) == []
 
 
 def test_resnet18_II_is_the_papers_plus_twenty():
     assert budgets.capacity(20, 5.5, 1) - budgets.capacity(20, 5.5, 0) == 20
 
 
-def test_infeasible_cell_names_arch_version_budget():
+def test_infeasible_cell_names_where_n_and_capacity():
+    with pytest.raises(ValueError, match=r"arch resnet18, version I, budget A: .*N=20.*capacity 50"):
+        budgets.cell(20, [3, 10], 2.5, 0, where="arch resnet18, version I, budget A")
     cfg = config.merge(config.read_yaml("config.yaml"), {"pairs": {"budgets": {"A": 2.5}}})
-    with pytest.raises(ValueError, match=r"arch resnet18, version I, budget A.*N=20.*capacity 50"):
-        budgets.cell(cfg, "resnet18", "I", "A")
+    problems = list(budgets.problems(cfg))
+    assert len(problems) == 1
+    assert "pairs.budgets.A" in problems[0] and "arch resnet18, version I" in problems[0] and "capacity 50" in problems[0]

@@ -43,3 +43,90 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(config.ConfigError, match="top level must be a mapping"):
         config.load([bad])
+
+
+# --- seeds, and what one job may read ------------------------------------------------------------
+
+def test_seeds_is_one_seed_or_a_list():
+    assert config.seeds({"seed": 3}) == [3]
+    assert config.seeds({"seed": [0, 1, 2]}) == [0, 1, 2]
+    assert config.seeds(config.load([ROOT / "config.yaml", ROOT / "config" / "seeds.yaml"])) == [0, 1, 2]
+    for bad in ([], [1, 1], [-1]):
+        with pytest.raises(config.ConfigError, match="seed"):
+            config.load([ROOT / "config.yaml"], {"seed": bad})
+
+
+CFG = {"seed": 0, "dataset": {"name": "digits", "augment": {"hflip": False, "crop_padding": 3}},
+       "pairs": {"lr": {"resnet18": 0.03, "regnetx_016": 0.01}, "epochs": 2},
+       "evaluate": {"batch_size": 256, "random_policy_seed": 0}}
+
+
+def test_declared_takes_the_named_parts_nested_as_in_the_config():
+    got = config.declared(CFG, ["dataset", "evaluate.batch_size", "seed"])
+    assert got == {"dataset": CFG["dataset"], "evaluate": {"batch_size": 256}, "seed": 0}
+    got["dataset"]["augment"]["hflip"] = True
+    assert CFG["dataset"]["augment"]["hflip"] is False  # a copy
+    assert config.declared(CFG, ["dataset.augment.hflip", "dataset.name"]) == {"dataset": {"augment": {"hflip": False}, "name": "digits"}}
+
+
+def test_declared_per_arch_path_takes_one_entry_of_a_map_or_the_one_value():
+    assert config.declared(CFG, ["pairs.lr.resnet18"]) == {"pairs": {"lr": {"resnet18": 0.03}}}
+    one = config.merge(CFG, {"pairs": {"lr": 0.1}})
+    assert config.declared(one, ["pairs.lr.resnet18"]) == {"pairs": {"lr": 0.1}}
+    # what a job then reads through section_for is the arch's value either way
+    for cfg in (CFG, one):
+        declared = config.declared(cfg, ["pairs.lr.resnet18", "pairs.epochs"])
+        assert config.section_for(declared, "pairs", "resnet18")["lr"] == config.section_for(cfg, "pairs", "resnet18")["lr"]
+
+
+def test_declared_refuses_a_key_not_in_the_config():
+    with pytest.raises(config.ConfigError, match=r"pairs\.lr\.mobilenetv4_conv_medium: declared .*no key 'pairs\.lr\.mobilenetv4_conv_medium'"):
+        config.declared(CFG, ["pairs.lr.mobilenetv4_conv_medium"])
+    with pytest.raises(config.ConfigError, match=r"no key 'kd'"):
+        config.declared(CFG, ["kd.epochs"])
+
+
+def test_leaves_are_the_paths_to_values_and_empty_maps():
+    assert config.leaves({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": {}}) == {("a", "b"), ("a", "c", "d"), ("e",)}
+
+
+def test_settings_refuses_an_undeclared_key_naming_it_and_the_job():
+    settings = config.Settings(config.declared(CFG, ["dataset", "evaluate.batch_size"]), job="evaluate")
+    assert settings["evaluate"]["batch_size"] == 256
+    with pytest.raises(config.ConfigError, match=r"evaluate: reads config key evaluate\.random_policy_seed, which its rule does not declare"):
+        settings["evaluate"]["random_policy_seed"]
+    with pytest.raises(config.ConfigError, match=r"reads config key pairs\b.*add 'pairs' to the rule's keys"):
+        settings["pairs"]
+    with pytest.raises(config.ConfigError, match=r"dataset\.augment\.hflipp"):
+        settings["dataset"]["augment"]["hflipp"]
+
+
+def test_settings_lists_the_values_never_read():
+    settings = config.Settings(config.declared(CFG, ["dataset", "pairs.lr.resnet18", "evaluate"]), job="j")
+    assert settings.unread() == ["dataset.augment.crop_padding", "dataset.augment.hflip", "dataset.name",
+                                 "evaluate.batch_size", "evaluate.random_policy_seed", "pairs.lr.resnet18"]
+    assert settings["dataset"]["name"] == "digits"
+    settings["dataset"]["augment"]  # a map read is not a read of its values
+    assert "dataset.name" not in settings.unread() and "dataset.augment.hflip" in settings.unread()
+    assert config.section_for(settings, "pairs", "resnet18")["lr"] == 0.03
+    assert settings.unread() == ["dataset.augment.crop_padding", "dataset.augment.hflip",
+                                 "evaluate.batch_size", "evaluate.random_policy_seed"]
+    value = settings["dataset"]["augment"]["crop_padding"]
+    assert value == 3 and settings.unread() == ["dataset.augment.hflip", "evaluate.batch_size", "evaluate.random_policy_seed"]
+    assert settings.plain() == config.declared(CFG, ["dataset", "pairs.lr.resnet18", "evaluate"])
+    assert settings.unread() == []
+
+
+def test_settings_unpacked_with_double_star_counts_as_read():
+    settings = config.Settings(config.declared(CFG, ["dataset.augment", "evaluate"]), job="j")
+
+    def job(*, batch_size, random_policy_seed):
+        return batch_size, random_policy_seed
+
+    assert job(**settings["evaluate"]) == (256, 0)
+    assert dict(settings["dataset"]["augment"]) == CFG["dataset"]["augment"]
+    assert settings.unread() == []
+    nested = config.Settings({"a": {"b": [1]}}, job="j")
+    got = nested["a"]["b"]
+    got.append(2)
+    assert nested["a"]["b"] == [1]  # a read hands out a copy

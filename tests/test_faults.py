@@ -21,7 +21,7 @@ from conftest import BIN, copy_project, run, tool_env
 
 pytestmark = pytest.mark.slow
 
-TEACHER = "checkpoints/teacher.pt"
+TEACHER = "checkpoints/seed0/teacher.pt"
 # Enough epochs that the kill lands while the run still has work left.
 EPOCHS = 8
 
@@ -77,8 +77,8 @@ def test_sigkill_then_rerun_incomplete_resumes_to_the_same_weights_and_a_second_
     # what a user does after a killed run: release the stale lock, re-run the incomplete job
     run(snakemake("--unlock", TEACHER), workdir)
     run(snakemake("--rerun-incomplete", TEACHER), workdir)
-    log = (workdir / "logs" / "teacher" / "teacher.log").read_text()
-    assert "resuming from checkpoints/teacher.pt.resume at epoch" in log, log[-3000:]
+    log = (workdir / "logs" / "teacher" / "seed0.log").read_text()
+    assert "resuming from checkpoints/seed0/teacher.pt.resume at epoch" in log, log[-3000:]
     assert not resume.exists()
     expected, got = weights(reference / TEACHER), weights(workdir / TEACHER)
     assert expected.keys() == got.keys()
@@ -99,7 +99,7 @@ def test_damaged_teacher_checkpoint_stops_distillation_naming_the_file(tmp_path)
     run(snakemake(TEACHER), workdir)
     whole = (workdir / TEACHER).read_bytes()
     (workdir / TEACHER).write_bytes(whole[: len(whole) // 2])
-    text = failed_job_log(workdir, "checkpoints/distill/resnet18.pt", "logs/distill/resnet18.log")
+    text = failed_job_log(workdir, "checkpoints/seed0/distill/resnet18.pt", "logs/distill/seed0/resnet18.log")
     assert f"error: {TEACHER}: truncated or corrupted checkpoint" in text and "re-run the teacher stage" in text, text
     assert (workdir / TEACHER).read_bytes() == whole[: len(whole) // 2], "the damaged file must be left for the user"
 
@@ -112,5 +112,5 @@ def test_damaged_teacher_checkpoint_stops_distillation_naming_the_file(tmp_path)
 ], ids=["missing-dataset", "missing-weights"])
 def test_missing_input_file_is_named_with_the_fix(tmp_path, overlay, fragments):
     workdir = project(tmp_path / "missing", **overlay)
-    text = failed_job_log(workdir, TEACHER, "logs/teacher/teacher.log")
+    text = failed_job_log(workdir, TEACHER, "logs/teacher/seed0.log")
     assert all(f in text for f in fragments), text

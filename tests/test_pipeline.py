@@ -1,8 +1,10 @@
 """The whole pipeline on config/smoke.yaml, through Snakemake, through DVC and through both.
 
 Slow: each scenario runs real jobs in subprocesses in a temporary copy of the project
-(conftest.py). What is checked is the plumbing and the output contract of SPEC §7, not the
-science (one epoch per stage at 16 px).
+(conftest.py). What is checked is the plumbing and the output contract (README.md,
+docs/method.md §7), not the science (one epoch per stage at 16 px): every job reads exactly the
+config keys it declares, a changed key re-runs exactly the jobs that read it under both
+orchestrators, and DVC runs a profile through its generated pipeline without touching config.yaml.
 """
 
 import hashlib
@@ -14,9 +16,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
-from conftest import BIN, copy_project, run
-from dptq import checkpoint, config, report
+from conftest import BIN, KEY_AUDIT, copy_project, linked_copy, run
+from dptq import checkpoint, config, figures
 
 pytestmark = pytest.mark.slow
 
@@ -24,10 +27,22 @@ SNAKEMAKE = str(BIN / "snakemake")
 DVC = str(BIN / "dvc")
 SMOKE = ["--configfile", "config/smoke.yaml"]
 TABLE_COLUMNS = {
-    "table1": ["arch", "version", "budget", "mode", "options", "capacity", "fp_acc", "q_acc", "delta",
+    "table1": ["seed", "arch", "version", "budget", "mode", "options", "capacity", "fp_acc", "q_acc", "delta",
                "highlighted", "white_box_acc"],
-    "table2": ["arch", "transitory_pct"],
-    "table3": ["arch", "network", "policy", "q_acc", "fp_acc"],
+    "table2": ["seed", "arch", "transitory_pct"],
+    "table3": ["seed", "arch", "network", "policy", "q_acc", "fp_acc"],
+}
+# A key of each section (none set by config/smoke.yaml) and the rules whose jobs read it.
+INFERENCE = {"evaluate", "layer_scan", "histograms", "corruptions", "remedy"}
+READERS = {
+    "kd.randaugment.num_ops": {"distill"},
+    "teacher.label_smoothing": {"teacher"},
+    "dataset.augment.crop_padding": {"teacher", "distill", "pair", *INFERENCE},
+    "runtime.channels_last": {"teacher", "distill", "pair", *INFERENCE},
+    "pairs.margin": {"pair"},
+    "quant.percentile": {"pair", *INFERENCE},
+    "evaluate.random_policy_seed": {"evaluate"},
+    "analysis.remedy.flag_drop": {"remedy"},
 }
 
 
@@ -36,19 +51,45 @@ def smoke_config(workdir: Path) -> dict:
 
 
 def checkpoints(cfg: dict) -> dict[str, str]:
-    """SPEC §7's checkpoint paths of ``cfg``, each with the kind of checkpoint it holds."""
-    p = cfg["pairs"]
-    paths = {"checkpoints/teacher.pt": "teacher"}
-    paths.update({f"checkpoints/distill/{a}.pt": "distill" for a in cfg["kd"]["archs"]})
-    paths.update({f"checkpoints/pair/{a}/{v}/{b}/{m}.pt": "pair" for a in cfg["kd"]["archs"]
-                  for v in p["versions"] for b in p["budgets"] for m in p["modes"]})
+    """The README's checkpoint paths of ``cfg``, each with the kind of checkpoint it holds."""
+    p, paths = cfg["pairs"], {}
+    for s in config.seeds(cfg):
+        paths[f"checkpoints/seed{s}/teacher.pt"] = "teacher"
+        paths.update({f"checkpoints/seed{s}/distill/{a}.pt": "distill" for a in cfg["kd"]["archs"]})
+        paths.update({f"checkpoints/seed{s}/pair/{a}/{v}/{b}/{m}.pt": "pair" for a in cfg["kd"]["archs"]
+                      for v in p["versions"] for b in p["budgets"] for m in p["modes"]})
     return paths
 
 
 def analysis_csvs(cfg: dict) -> list[str]:
     archs, hist = cfg["kd"]["archs"], cfg["analysis"]["histogram"]["archs"]
-    return [f"results/analysis/{a}/{kind}.csv" for a in archs for kind in ("layer_scan", "corruptions", "remedy")] + [
-        f"results/analysis/{a}/histograms.csv" for a in archs if a in hist]
+    return [f"results/analysis/seed{s}/{a}/{kind}.csv" for s in config.seeds(cfg) for a in archs
+            for kind in ("layer_scan", "corruptions", "remedy")] + [
+        f"results/analysis/seed{s}/{a}/histograms.csv" for s in config.seeds(cfg) for a in archs if a in hist]
+
+
+def figure_names(cfg: dict) -> list[str]:
+    return figures.figure_names(cfg["kd"]["archs"], cfg["analysis"]["histogram"]["archs"])
+
+
+def smoke_pipeline(workdir: Path) -> None:
+    """The smoke profile's own DVC pipeline, generated from the rules (config.yaml stays as it is)."""
+    run([str(BIN / "python"), "-m", "dptq.dvc", "--configfile", "config/smoke.yaml"], workdir, 600)
+
+
+def set_key(path: Path, key: str, change) -> None:
+    """Replace the value of dotted ``key`` in the YAML file ``path`` by ``change(value)``."""
+    tree = node = yaml.safe_load(path.read_text())
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node[part]
+    node[parts[-1]] = change(node[parts[-1]])
+    path.unlink()  # a linked copy: never write through to the original
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+
+
+def flipped(value):
+    return (not value) if isinstance(value, bool) else value + 1
 
 
 def digests(root: Path, paths) -> dict[str, str]:
@@ -92,16 +133,45 @@ def test_snakemake_smoke_run_leaves_every_output(smoke_run):
     for path in analysis_csvs(cfg):
         assert not pd.read_csv(smoke_run / path).empty, path
 
-    for name in report.figure_names(cfg):
+    for name in figure_names(cfg):
         for ext, magic in (("png", b"\x89PNG"), ("pdf", b"%PDF")):
             assert (smoke_run / f"results/figures/{name}.{ext}").read_bytes().startswith(magic), f"{name}.{ext}"
 
     parser = _Tags()
     parser.feed((smoke_run / "results/report.html").read_text())
     assert {"html", "table", "img"} <= set(parser.tags)
-    assert parser.tags.count("img") == len(report.figure_names(cfg))
+    assert parser.tags.count("img") == len(figure_names(cfg))
     metrics = json.loads((smoke_run / "results/metrics.json").read_text())
     assert isinstance(metrics, dict) and metrics
+
+
+def test_every_job_reads_exactly_the_config_keys_it_declares(smoke_run):
+    """An undeclared read fails its job (the run above would not have passed); here: no job
+    declares a key, or a part of a section, that it never reads."""
+    records = [json.loads(p.read_text()) for p in sorted((smoke_run / KEY_AUDIT).glob("*.json"))]
+    dry = run([SNAKEMAKE, "-n", "--forceall", *SMOKE], smoke_run, 600).stdout
+    jobs = int(re.search(r"^total\s+(\d+)$", dry, re.MULTILINE)[1]) - 1  # less the `all` target
+    assert len(records) == jobs
+    assert {r["job"]: r["unread"] for r in records if r["unread"]} == {}
+
+
+@pytest.mark.parametrize("key", READERS)
+def test_changing_a_key_reruns_exactly_the_jobs_that_read_it(smoke_run, dvc_run, tmp_path, key):
+    """Snakemake: the jobs whose params changed; DVC: the stages whose params changed. Both are the
+    rules that read the key (the report shows the whole config, so it reads every key)."""
+    expected = READERS[key] | {"report"}
+    work = linked_copy(smoke_run, tmp_path / "snakemake")
+    set_key(work / "config.yaml", key, flipped)
+    dry = run([SNAKEMAKE, "-n", *SMOKE], work, 600).stdout
+    blocks = re.findall(r"^(?:local)?rule (\w+):\n(.*?)(?=^\S|\Z)", dry, re.MULTILINE | re.DOTALL)
+    changed = {rule for rule, body in blocks if "Params have changed" in body}
+    assert changed == expected, dry[-3000:]
+
+    work = linked_copy(dvc_run, tmp_path / "dvc")
+    set_key(work / "config.yaml", key, flipped)
+    out = run([DVC, "status"], work).stdout
+    stages = {line.rstrip(":") for line in out.splitlines() if line and not line[0].isspace()}
+    assert {s.split("-")[0] for s in stages} == expected, out
 
 
 def test_snakemake_second_run_has_nothing_to_do(smoke_run):
@@ -115,6 +185,7 @@ def test_mixed_flow_snakemake_then_dvc(smoke_run, tmp_path):
     work = Path(shutil.copytree(smoke_run, tmp_path / "mixed", symlinks=True))
     cfg = smoke_config(work)
     before = digests(work, checkpoints(cfg))
+    smoke_pipeline(work)
 
     run([DVC, "commit", "-f"], work, 600)
     assert_dvc_clean(work)
@@ -136,10 +207,15 @@ def test_mixed_flow_snakemake_then_dvc(smoke_run, tmp_path):
 
 @pytest.fixture(scope="module")
 def dvc_run(tmp_path_factory) -> Path:
-    """A project copy (its config.yaml = the smoke profile) in which `dvc repro` has run once."""
-    workdir = copy_project(tmp_path_factory.mktemp("dvc_run"), smoke=True)
+    """A project copy in which `dvc repro` has run the smoke profile's generated pipeline once."""
+    workdir = copy_project(tmp_path_factory.mktemp("dvc_run"))
+    smoke_pipeline(workdir)
     run([DVC, "repro"], workdir)
     return workdir
+
+
+def test_dvc_runs_a_profile_without_touching_config_yaml(dvc_run):
+    assert run(["git", "status", "--porcelain", "config.yaml", "config"], dvc_run).stdout == ""
 
 
 def test_dvc_repro_twice_runs_nothing_the_second_time(dvc_run):
@@ -154,17 +230,13 @@ def test_dvc_and_snakemake_give_the_same_results(dvc_run, smoke_run):
         assert (dvc_run / path).read_text() == (smoke_run / path).read_text(), path
 
 
-def test_changing_one_parameter_outdates_only_its_dependents(dvc_run, tmp_path):
-    work = Path(shutil.copytree(dvc_run, tmp_path / "params", symlinks=True))
-    cfg_path = work / "config.yaml"
-    text = cfg_path.read_text()
-    seeds = smoke_config(work)["analysis"]["corruptions"]["seeds"]
-    cfg_path.write_text(text.replace(f"seeds: {seeds}\n", f"seeds: {seeds + 1}\n", 1))
-    assert cfg_path.read_text() != text
+def test_changing_a_profile_key_outdates_only_its_dependents(dvc_run, tmp_path):
+    work = linked_copy(dvc_run, tmp_path / "params")
+    set_key(work / "config" / "smoke.yaml", "analysis.corruptions.seeds", flipped)
     out = run([DVC, "status"], work).stdout
     changed = {line.rstrip(":") for line in out.splitlines() if line and not line[0].isspace()}
     archs = smoke_config(work)["kd"]["archs"]
-    assert changed == {*(f"corruptions@{a}" for a in archs), "report"}, out
+    assert changed == {*(f"corruptions-seed0-{a}" for a in archs), "report"}, out
 
 
 def test_dvc_exp_run_sets_a_key_and_reruns_only_its_dependents(dvc_run, tmp_path):
@@ -173,7 +245,7 @@ def test_dvc_exp_run_sets_a_key_and_reruns_only_its_dependents(dvc_run, tmp_path
     assert smoke_config(work)["analysis"]["histogram"]["bin_width"] == 0.05
     ran = set(re.findall(r"Running stage '([^']+)'", out))
     archs = smoke_config(work)["analysis"]["histogram"]["archs"]
-    assert ran == {*(f"histograms@{a}" for a in archs), "figures", "report"}, out[-3000:]
+    assert ran == {*(f"histograms-seed0-{a}" for a in archs), "figures", "report"}, out[-3000:]
 
 
 def test_dvc_push_pull_round_trips_every_checkpoint(dvc_run, tmp_path):

@@ -16,7 +16,7 @@ import pytest
 
 from test_report import build_report
 
-TABLES = {"reference", "table1", "table1-tidy", "table2", "table3", "remedy", "versions"}
+TABLES = {"reference", "table1", "table1-summary", "table1-tidy", "table2", "table3", "remedy", "versions"}
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          # Any request off this machine fails: a report that needs one shows it as an undecoded image.

@@ -98,11 +98,35 @@ def test_timm_network_folded_equals_plain_full_precision_and_quantized(arch):
     torch.testing.assert_close(q_folded(x, bits), q_plain(x, bits), rtol=1e-10, atol=1e-10)
 
 
-def test_to_device_folds_for_the_configured_image_size():
-    cfg = {"runtime": {"channels_last": True}, "dataset": {"image_size": 32}}
-    model = runtime.to_device(timm.create_model("resnet18", num_classes=10), cfg, torch.device("cpu"))
+def cpu_runtime(seed: int = 0, channels_last: bool = True) -> runtime.Runtime:
+    return runtime.Runtime(seed, device="cpu", bf16=True, channels_last=channels_last, threads=1)
+
+
+def test_to_device_folds_for_the_given_image_size():
+    rt = cpu_runtime()
+    model = rt.to_device(timm.create_model("resnet18", num_classes=10), 32)
     assert any(isinstance(m, runtime.OnePixelConv2d) for m in model.modules())
     assert isinstance(copy.deepcopy(model).layer4[1].conv1, runtime.OnePixelConv2d)
-    cfg["dataset"]["image_size"] = 224  # the last stage sees 7x7: nothing to fold
-    model = runtime.to_device(timm.create_model("resnet18", num_classes=10), cfg, torch.device("cpu"))
+    assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    model = rt.to_device(timm.create_model("resnet18", num_classes=10), 224)  # the last stage sees 7x7: nothing to fold
     assert not any(isinstance(m, runtime.OnePixelConv2d) for m in model.modules())
+
+
+def test_runtime_device_memory_format_autocast_and_seed():
+    assert cpu_runtime().memory_format == torch.channels_last
+    rt = cpu_runtime(7, channels_last=False)
+    assert rt.dev == torch.device("cpu") and rt.seed == 7 and torch.get_num_threads() == 1
+    assert rt.memory_format == torch.contiguous_format
+    with rt.autocast():  # bf16 is asked for, but CPU runs stay exact
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    first = torch.rand(3)  # starting a runtime seeds torch's RNG with the job's seed
+    cpu_runtime(7)
+    assert torch.equal(torch.rand(3), first) and not torch.equal(torch.rand(3), first)
+    auto = runtime.Runtime(0, device="auto", bf16=False, channels_last=True, threads=1)
+    assert auto.dev.type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_device_is_refused():
+    with pytest.raises(RuntimeError, match="runtime.device: 'cuda'.*no CUDA device"):
+        runtime.Runtime(0, device="cuda", bf16=True, channels_last=True, threads=1)

@@ -1,7 +1,5 @@
-# Every analysis job reads its arch's Table 1 to find the highlighted cell, then loads that
-# cell's robust and detrimental pairs through `pair_template`.
-
-ANALYSIS_KEYS = ("seed", "dataset", "quant", "pairs.policy", "evaluate.batch_size")
+# Every analysis job reads its seed's and arch's Table 1 to find the highlighted cell, then
+# takes that cell's robust and detrimental pairs from its arch's pair checkpoints.
 
 
 rule layer_scan:
@@ -9,25 +7,21 @@ rule layer_scan:
         table1=rules.evaluate.output.table1,
         pairs=pair_checkpoints,
     output:
-        csv="results/analysis/{arch}/layer_scan.csv",
+        csv="results/analysis/seed{seed}/{arch}/layer_scan.csv",
     log:
-        "logs/layer_scan/{arch}.log",
+        "logs/layer_scan/seed{seed}/{arch}.log",
     benchmark:
-        "benchmarks/layer_scan/{arch}.tsv"
+        "benchmarks/layer_scan/seed{seed}/{arch}.tsv"
     conda:
         ENV
     threads: CPUS
     resources:
-        mem_mb=8000,
-        runtime=120,
         gpu=GPUS,
     params:
-        pair_template=pair_template,
-        config_keys=config_keys(
-            *ANALYSIS_KEYS, "analysis.max_examples", "analysis.layer_scan"
-        ),
-    script:
-        "../scripts/layer_scan.py"
+        config_keys=keys(*INFERENCE, "analysis.max_examples", "analysis.layer_scan"),
+        args=args,
+    shell:
+        job("layer_scan")
 
 
 rule histograms:
@@ -35,27 +29,25 @@ rule histograms:
         table1=rules.evaluate.output.table1,
         pairs=pair_checkpoints,
     output:
-        csv="results/analysis/{arch}/histograms.csv",
+        csv="results/analysis/seed{seed}/{arch}/histograms.csv",
     log:
-        "logs/histograms/{arch}.log",
+        "logs/histograms/seed{seed}/{arch}.log",
     benchmark:
-        "benchmarks/histograms/{arch}.tsv"
+        "benchmarks/histograms/seed{seed}/{arch}.tsv"
     wildcard_constraints:
         arch=one_of(HISTOGRAM_ARCHS),
     conda:
         ENV
     threads: CPUS
     resources:
-        mem_mb=8000,
-        runtime=120,
         gpu=GPUS,
     params:
-        pair_template=pair_template,
-        config_keys=config_keys(
-            *ANALYSIS_KEYS, "analysis.histogram.range", "analysis.histogram.bin_width"
+        config_keys=keys(
+            *INFERENCE, "analysis.histogram.range", "analysis.histogram.bin_width"
         ),
-    script:
-        "../scripts/histograms.py"
+        args=args,
+    shell:
+        job("histograms")
 
 
 rule corruptions:
@@ -63,25 +55,21 @@ rule corruptions:
         table1=rules.evaluate.output.table1,
         pairs=pair_checkpoints,
     output:
-        csv="results/analysis/{arch}/corruptions.csv",
+        csv="results/analysis/seed{seed}/{arch}/corruptions.csv",
     log:
-        "logs/corruptions/{arch}.log",
+        "logs/corruptions/seed{seed}/{arch}.log",
     benchmark:
-        "benchmarks/corruptions/{arch}.tsv"
+        "benchmarks/corruptions/seed{seed}/{arch}.tsv"
     conda:
         ENV
     threads: CPUS
     resources:
-        mem_mb=8000,
-        runtime=120,
         gpu=GPUS,
     params:
-        pair_template=pair_template,
-        config_keys=config_keys(
-            *ANALYSIS_KEYS, "analysis.max_examples", "analysis.corruptions"
-        ),
-    script:
-        "../scripts/corruptions.py"
+        config_keys=keys(*INFERENCE, "analysis.max_examples", "analysis.corruptions"),
+        args=args,
+    shell:
+        job("corruptions")
 
 
 rule remedy:
@@ -91,20 +79,18 @@ rule remedy:
         network=rules.distill.output.ckpt,
         pairs=pair_checkpoints,
     output:
-        csv="results/analysis/{arch}/remedy.csv",
+        csv="results/analysis/seed{seed}/{arch}/remedy.csv",
     log:
-        "logs/remedy/{arch}.log",
+        "logs/remedy/seed{seed}/{arch}.log",
     benchmark:
-        "benchmarks/remedy/{arch}.tsv"
+        "benchmarks/remedy/seed{seed}/{arch}.tsv"
     conda:
         ENV
     threads: CPUS
     resources:
-        mem_mb=8000,
-        runtime=120,
         gpu=GPUS,
     params:
-        pair_template=pair_template,
-        config_keys=config_keys(*ANALYSIS_KEYS, "analysis.remedy"),
-    script:
-        "../scripts/remedy.py"
+        config_keys=keys(*INFERENCE, "analysis.remedy"),
+        args=args,
+    shell:
+        job("remedy")

@@ -1,19 +1,44 @@
-"""Shared by the stage files: the config's lists, the wildcard constraints they imply, and the
-helpers that the stages' params use."""
+"""Shared by the stage files: the config check, the grid, and how every job is called.
 
+Every job runs one command, the same under Snakemake and DVC (dvc.yaml is generated from these
+rules: ``python -m dptq.dvc``): its thin script in workflow/scripts/ with its cell, its files,
+the config files and the config keys its rule declares. The job is handed those keys only.
+"""
+
+import os
 import re
-from pathlib import Path
+import sys
 
+from snakemake.utils import validate
+
+import dptq.config
+
+# The config files in overlay order; jobs read them, so the merged config must come from files.
+CONFIGS = [
+    os.path.relpath(f)
+    for f in ["config.yaml", *map(str, workflow.overwrite_configfiles)]
+]
+try:
+    if dptq.config.load(CONFIGS) != config:
+        sys.exit(
+            "Config error: --config overrides are not seen by the jobs, which read the config files; "
+            "put the values in a profile file and pass it with --configfile"
+        )
+except dptq.config.ConfigError as err:
+    sys.exit(f"Config error: {err}")
+validate(config, "../schemas/config.schema.yaml")
+
+SEEDS = dptq.config.seeds(config)
 ARCHS = config["kd"]["archs"]
 VERSIONS = list(config["pairs"]["versions"])
 BUDGETS = list(config["pairs"]["budgets"])
 MODES = config["pairs"]["modes"]
 HISTOGRAM_ARCHS = [a for a in ARCHS if a in config["analysis"]["histogram"]["archs"]]
 
-# A job's CPUs: torch's threads plus the data loader's worker processes.
+# A job's CPUs: torch's threads plus the data loader's worker processes. Memory and run time
+# are the profiles' (profiles/*/config.yaml); a GPU is asked for exactly when the config says
+# the jobs run on one, which no profile can know.
 CPUS = config["runtime"]["threads"] + config["dataset"]["num_workers"]
-# Ask a scheduler (SLURM) for a GPU only when the config says the jobs run on one; a local
-# run never waits on it (no `--resources gpu=` limit is set).
 GPUS = int(config["runtime"]["device"] == "cuda")
 ENV = "../../envs/dptq.yaml"
 
@@ -23,35 +48,54 @@ report: "../report/workflow.rst"
 
 def one_of(names):
     """A regex that matches exactly one of ``names`` (and nothing when there are none)."""
-    return "|".join(map(re.escape, names)) or "(?!)"
+    return "|".join(map(re.escape, map(str, names))) or "(?!)"
 
 
 wildcard_constraints:
+    seed=one_of(SEEDS),
     arch=one_of(ARCHS),
     version=one_of(VERSIONS),
     budget=one_of(BUDGETS),
     mode=one_of(MODES),
 
 
-def config_keys(*keys):
-    """The config values a job depends on, ``{key: value}``, as a ``params`` entry.
+class Keys(dict):
+    """The config keys a job declares, ``{key: value}``: Snakemake re-runs the job when a value
+    changes (a param); on the command line it is the key names."""
 
-    Snakemake re-runs a job when one of its params changes, as ``dvc repro`` does for the
-    same keys listed under the stage's ``params`` in dvc.yaml (a test keeps the two lists
-    equal). Keys are dotted paths and may name wildcards, e.g. ``pairs.versions.{version}``.
-    """
+    def __str__(self):
+        return " ".join(self)
 
-    def values(wildcards):
-        paths = [key.format(**wildcards) for key in keys]
-        return {p: lookup(dpath=p.replace(".", "/"), within=config) for p in paths}
 
-    return values
+def keys(*paths):
+    """A ``params`` entry: the declared keys, dotted paths that may name wildcards
+    (``pairs.lr.{arch}``: one entry of a per-arch map)."""
+
+    def declared(wildcards):
+        names = [p.format(**wildcards) for p in paths]
+        return Keys({n: dptq.config.declared(config, [n]) for n in names})
+
+    return declared
+
+
+def job(script):
+    """The ``shell:`` line of a job: its thin script, cell and files, config files and keys, log."""
+    return f"python workflow/scripts/{script}.py {{params.args}} --keys {{params.config_keys}} --log {{log}}"
+
+
+def args(wildcards, input, output):
+    """A ``params`` entry: the job's cell (its wildcards), files and config files as options."""
+    named = [*wildcards.items(), *input.items(), *output.items(), ("config", CONFIGS)]
+    return " ".join(
+        f"--{name} {v if isinstance(v, str) else ' '.join(v)}" for name, v in named
+    )
 
 
 def pair_checkpoints(wildcards):
-    """Every (version, budget, mode) pair checkpoint of the job's arch."""
+    """Every (version, budget, mode) pair checkpoint of the job's seed and arch."""
     return expand(
         rules.pair.output.ckpt,
+        seed=wildcards.seed,
         arch=wildcards.arch,
         version=VERSIONS,
         budget=BUDGETS,
@@ -59,20 +103,16 @@ def pair_checkpoints(wildcards):
     )
 
 
-def pair_template(wildcards):
-    """The job's arch's pair checkpoint path, ``{version}``, ``{budget}`` and ``{mode}`` left
-    to fill: how the evaluation and analysis functions find the highlighted pair."""
-    return expand(rules.pair.output.ckpt, arch=wildcards.arch, allow_missing=True)[0]
+# What every inference job reads of the config.
+INFERENCE = (
+    "dataset",
+    "runtime",
+    "quant",
+    "pairs.policy.profits",
+    "evaluate.batch_size",
+)
 
 
-def folder(of, up=1):
-    """A ``params`` function: the folder ``up`` levels above the job's first file of ``of``
-    (``"input.NAME"`` or ``"output.NAME"``), for the functions that take folders."""
-    kind, name = of.split(".")
-
-    def path(wildcards, input, output):
-        files = {"input": input, "output": output}[kind][name]
-        first = files if isinstance(files, str) else files[0]
-        return str(Path(first).parents[up - 1])
-
-    return path
+def per_seed_and_arch(files, archs=ARCHS):
+    """``files`` (a rule's output pattern) of every seed and arch."""
+    return expand(files, seed=SEEDS, arch=archs)

@@ -1,35 +1,30 @@
+# kd.archs is the grid (the arch wildcard), not a value the job reads.
+KD_KEYS = ["kd." + k for k in config["kd"] if k not in ("archs", "batch_size")]
+
+
 rule distill:
     input:
         teacher=rules.teacher.output.ckpt,
     output:
-        ckpt="checkpoints/distill/{arch}.pt",
-        metrics="checkpoints/distill/{arch}.csv",
+        ckpt="checkpoints/seed{seed}/distill/{arch}.pt",
+        metrics="checkpoints/seed{seed}/distill/{arch}.csv",
     log:
-        "logs/distill/{arch}.log",
+        "logs/distill/seed{seed}/{arch}.log",
     benchmark:
-        "benchmarks/distill/{arch}.tsv"
+        "benchmarks/distill/seed{seed}/{arch}.tsv"
     conda:
         ENV
     threads: CPUS
     resources:
-        mem_mb=8000,
-        runtime=240,
         gpu=GPUS,
     params:
-        config_keys=config_keys(
-            "seed",
+        config_keys=keys(
             "dataset",
-            "kd.epochs",
-            "kd.optimizer",
-            "kd.lr",
-            "kd.min_lr",
-            "kd.warmup_epochs",
-            "kd.momentum",
-            "kd.weight_decay",
-            "kd.batch_size",
-            "kd.temperature",
-            "kd.randaugment",
-            "kd.mixup_alpha",
+            "runtime",
+            *KD_KEYS,
+            "kd.batch_size.{arch}",
+            "evaluate.batch_size",
         ),
-    script:
-        "../scripts/distill.py"
+        args=args,
+    shell:
+        job("distill")

@@ -3,35 +3,41 @@ rule evaluate:
         network=rules.distill.output.ckpt,
         pairs=pair_checkpoints,
     output:
-        table1="results/tables/by_arch/{arch}/table1.csv",
-        table2="results/tables/by_arch/{arch}/table2.csv",
-        table3="results/tables/by_arch/{arch}/table3.csv",
+        table1="results/tables/seed{seed}/{arch}/table1.csv",
+        table2="results/tables/seed{seed}/{arch}/table2.csv",
+        table3="results/tables/seed{seed}/{arch}/table3.csv",
     log:
-        "logs/evaluate/{arch}.log",
+        "logs/evaluate/seed{seed}/{arch}.log",
     benchmark:
-        "benchmarks/evaluate/{arch}.tsv"
+        "benchmarks/evaluate/seed{seed}/{arch}.tsv"
     conda:
         ENV
     threads: CPUS
     resources:
-        mem_mb=8000,
-        runtime=120,
         gpu=GPUS,
     params:
-        pair_template=pair_template,
-        out_dir=folder("output.table1"),
-        config_keys=config_keys("seed", "dataset", "quant", "pairs.policy", "evaluate"),
-    script:
-        "../scripts/evaluate.py"
+        config_keys=keys(
+            *INFERENCE, "evaluate.highlight_max_fp_gap", "evaluate.random_policy_seed"
+        ),
+        args=args,
+    shell:
+        job("evaluate")
 
 
 rule tables:
     input:
-        per_arch=expand(rules.evaluate.output, arch=ARCHS),
+        arch_table1=per_seed_and_arch(rules.evaluate.output.table1),
+        arch_table2=per_seed_and_arch(rules.evaluate.output.table2),
+        arch_table3=per_seed_and_arch(rules.evaluate.output.table3),
     output:
         table1=report(
             "results/tables/table1.csv",
             caption="../report/table1.rst",
+            category="Tables",
+        ),
+        summary=report(
+            "results/tables/table1_summary.csv",
+            caption="../report/table1_summary.rst",
             category="Tables",
         ),
         table2=report(
@@ -45,16 +51,13 @@ rule tables:
             category="Tables",
         ),
     log:
-        "logs/tables/tables.log",
+        "logs/tables.log",
     benchmark:
-        "benchmarks/tables/tables.tsv"
+        "benchmarks/tables.tsv"
     conda:
         ENV
-    resources:
-        mem_mb=2000,
-        runtime=30,
     params:
-        by_arch=folder("input.per_arch", up=2),
-        out_dir=folder("output.table1"),
-    script:
-        "../scripts/tables.py"
+        config_keys=keys("evaluate.highlight_max_fp_gap", "pairs.budgets"),
+        args=args,
+    shell:
+        job("tables")

@@ -1,42 +1,39 @@
+# The grid's own keys (versions, budgets, offsets) enter as this cell's entries only.
+PAIR_KEYS = [
+    "pairs." + k
+    for k in config["pairs"]
+    if k not in ("versions", "budgets", "budget_offset", "modes", "lr")
+]
+
+
 rule pair:
     input:
         network=rules.distill.output.ckpt,
     output:
-        ckpt="checkpoints/pair/{arch}/{version}/{budget}/{mode}.pt",
-        metrics="checkpoints/pair/{arch}/{version}/{budget}/{mode}.csv",
+        ckpt="checkpoints/seed{seed}/pair/{arch}/{version}/{budget}/{mode}.pt",
+        metrics="checkpoints/seed{seed}/pair/{arch}/{version}/{budget}/{mode}.csv",
     log:
-        "logs/pair/{arch}/{version}/{budget}/{mode}.log",
+        "logs/pair/seed{seed}/{arch}/{version}/{budget}/{mode}.log",
     benchmark:
-        "benchmarks/pair/{arch}/{version}/{budget}/{mode}.tsv"
+        "benchmarks/pair/seed{seed}/{arch}/{version}/{budget}/{mode}.tsv"
     conda:
         ENV
     threads: CPUS
     resources:
-        mem_mb=8000,
-        runtime=240,
         gpu=GPUS,
     params:
-        config_keys=config_keys(
-            "seed",
+        config_keys=keys(
             "dataset",
+            "runtime",
             "quant",
             "pairs.versions.{version}",
             "pairs.budgets.{budget}",
             "pairs.budget_offset.{version}",
-            "pairs.epochs",
-            "pairs.optimizer",
-            "pairs.lr",
-            "pairs.min_lr",
-            "pairs.warmup_epochs",
-            "pairs.momentum",
-            "pairs.weight_decay",
-            "pairs.grad_clip",
-            "pairs.batch_size",
-            "pairs.margin",
-            "pairs.alpha",
-            "pairs.beta",
-            "pairs.select_best",
-            "pairs.policy",
+            "pairs.lr.{arch}",
+            *PAIR_KEYS,
+            "kd.temperature",
+            "evaluate.batch_size",
         ),
-    script:
-        "../scripts/pair.py"
+        args=args,
+    shell:
+        job("pair")

@@ -1,59 +1,68 @@
+# One figure per table-figure of the paper, each with its caption file (workflow/report/).
+FIGURES = {
+    "fig1_table1": "fig1_table1",
+    "fig2_layer_scan": "fig2_layer_scan",
+    **{f"fig3_histograms_{a}": "fig3_histograms" for a in HISTOGRAM_ARCHS},
+    **{f"fig4_corruptions_{a}": "fig4_corruptions" for a in ARCHS},
+}
+
+
 rule figures:
     input:
-        tables=rules.tables.output,
-        # all four kinds: dvc.yaml's stage depends on the whole results/analysis folder
-        analysis=[
-            expand(rules.layer_scan.output.csv, arch=ARCHS),
-            expand(rules.histograms.output.csv, arch=HISTOGRAM_ARCHS),
-            expand(rules.corruptions.output.csv, arch=ARCHS),
-            expand(rules.remedy.output.csv, arch=ARCHS),
-        ],
+        table1=rules.tables.output.table1,
+        summary=rules.tables.output.summary,
+        layer_scan=per_seed_and_arch(rules.layer_scan.output.csv),
+        histograms=per_seed_and_arch(rules.histograms.output.csv, HISTOGRAM_ARCHS),
+        corruptions=per_seed_and_arch(rules.corruptions.output.csv),
     output:
-        figures=report(
-            directory("results/figures"),
-            patterns=["{name}.png"],
-            caption="../report/figures.rst",
-            category="Figures",
-            labels={"figure": "{name}"},
-        ),
+        png=[
+            report(
+                f"results/figures/{name}.png",
+                caption=f"../report/{kind}.rst",
+                category="Figures",
+            )
+            for name, kind in FIGURES.items()
+        ],
+        pdf=expand("results/figures/{name}.pdf", name=FIGURES),
     log:
-        "logs/figures/figures.log",
+        "logs/figures.log",
     benchmark:
-        "benchmarks/figures/figures.tsv"
+        "benchmarks/figures.tsv"
     conda:
         ENV
-    resources:
-        mem_mb=4000,
-        runtime=30,
     params:
-        tables_dir=folder("input.tables"),
-        analysis_dir=folder("input.analysis", up=2),
-    script:
-        "../scripts/figures.py"
+        config_keys=keys(),
+        args=args,
+    shell:
+        job("figures")
 
 
 rule report:
     input:
-        tables=rules.tables.output,
-        figures=rules.figures.output.figures,
-        analysis=rules.figures.input.analysis,
+        table1=rules.tables.output.table1,
+        summary=rules.tables.output.summary,
+        table2=rules.tables.output.table2,
+        table3=rules.tables.output.table3,
+        remedy=per_seed_and_arch(rules.remedy.output.csv),
+        figures=rules.figures.output.png,
+        captions=expand(
+            "workflow/report/{kind}.rst",
+            kind=sorted(
+                {*FIGURES.values(), "table1", "table1_summary", "table2", "table3"}
+            ),
+        ),
     output:
         html="results/report.html",
         metrics="results/metrics.json",
     log:
-        "logs/report/report.log",
+        "logs/report.log",
     benchmark:
-        "benchmarks/report/report.tsv"
+        "benchmarks/report.tsv"
     conda:
         ENV
-    resources:
-        mem_mb=4000,
-        runtime=30,
     params:
-        tables_dir=folder("input.tables"),
-        analysis_dir=folder("input.analysis", up=2),
-        benchmarks_dir="benchmarks",
-        config_keys=config_keys(
+        # the page shows the whole config that made it
+        config_keys=keys(
             "seed",
             "runtime",
             "dataset",
@@ -64,5 +73,6 @@ rule report:
             "evaluate",
             "analysis",
         ),
-    script:
-        "../scripts/report.py"
+        args=args,
+    shell:
+        job("report")

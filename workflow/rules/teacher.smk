@@ -1,19 +1,18 @@
 rule teacher:
     output:
-        ckpt="checkpoints/teacher.pt",
-        metrics="checkpoints/teacher.csv",
+        ckpt="checkpoints/seed{seed}/teacher.pt",
+        metrics="checkpoints/seed{seed}/teacher.csv",
     log:
-        "logs/teacher/teacher.log",
+        "logs/teacher/seed{seed}.log",
     benchmark:
-        "benchmarks/teacher/teacher.tsv"
+        "benchmarks/teacher/seed{seed}.tsv"
     conda:
         ENV
     threads: CPUS
     resources:
-        mem_mb=8000,
-        runtime=240,
         gpu=GPUS,
     params:
-        config_keys=config_keys("seed", "dataset", "teacher"),
-    script:
-        "../scripts/teacher.py"
+        config_keys=keys("dataset", "runtime", "teacher", "evaluate.batch_size"),
+        args=args,
+    shell:
+        job("teacher")

@@ -1,14 +1,18 @@
-"""One entry for every workflow script, under Snakemake's ``script:`` and from DVC's ``cmd``.
+"""The one entry of every workflow job, the same command under Snakemake and DVC:
 
-Under Snakemake the script finds a ``snakemake`` object among its globals: the config is
-``snakemake.config`` (already checked by the Snakefile), each name is a wildcard, a named
-input, output or param of the rule, and stdout and stderr go to the rule's log file.
-From the command line (``python workflow/scripts/pair.py --arch resnet18 ...``, as dvc.yaml
-runs them) each name is an option (``pair_template`` is ``--pair-template``) and
-``--config`` lists the config files, later ones overlaying earlier ones (SPEC §6).
+    python workflow/scripts/<job>.py --seed 0 --arch resnet18 ... --network FILE ... \\
+        --config config.yaml [PROFILE ...] --keys KEY ... --log FILE
+
+Options name the job's cell (wildcards) and files; ``--config`` lists the config files (later
+ones overlay earlier ones, docs/method.md §6); ``--keys`` the dotted config keys its rule
+declares, and the job is handed those keys only (:class:`dptq.config.Settings`): reading any
+other is an error. Output goes to the log file; a fixable fault is also printed to the terminal.
+With ``DPTQ_KEY_AUDIT`` set to a folder, each job writes there the declared keys it never read.
 """
 
 import argparse
+import atexit
+import json
 import logging
 import os
 import sys
@@ -22,37 +26,48 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from dptq import config as dptq_config  # noqa: E402
 
 
-def arguments(description: str | None, names: list[str]) -> SimpleNamespace:
-    """``names`` and ``config`` (the checked config dict) of this job, from either orchestrator."""
-    sys.excepthook = _report
-    smk = getattr(sys.modules["__main__"], "snakemake", None)
-    args = _from_snakemake(smk, names) if smk is not None else _from_command_line(description, names)
+def job(description: str | None, cell: list[str] = (), files: list[str] = (), lists: list[str] = ()):
+    """``(args, settings)`` of this job: ``cell`` and ``files`` are one value each, ``lists`` any number."""
+    parser = argparse.ArgumentParser(description=description)
+    for name in cell:
+        parser.add_argument(f"--{name}", required=True, type=int if name == "seed" else str)
+    for name in files:
+        parser.add_argument(f"--{name}", required=True)
+    for name in lists:
+        parser.add_argument(f"--{name}", nargs="*", default=[])
+    parser.add_argument("--config", nargs="+", required=True, metavar="YAML", help="config files, in overlay order")
+    parser.add_argument("--keys", nargs="*", default=[], metavar="KEY", help="the config keys this job reads")
+    parser.add_argument("--log", required=True, help="the job's log file")
+    args = parser.parse_args()
+    name = Path(sys.argv[0]).stem
+    terminal = os.fdopen(os.dup(2), "w")
+    sys.excepthook = lambda kind, err, tb: _report(kind, err, tb, terminal, args.log)
+    _redirect_output(args.log)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    return args
+    settings = dptq_config.Settings(dptq_config.declared(dptq_config.load(args.config), args.keys), job=name)
+    audit = os.environ.get("DPTQ_KEY_AUDIT")
+    if audit:
+        record = Path(audit) / (args.log.replace("/", "__") + ".json")
+        atexit.register(lambda: _write_audit(record, name, args.keys, settings))
+    return SimpleNamespace(**{k: v for k, v in vars(args).items() if k not in ("config", "keys")}), settings
 
 
-def _report(kind, err, tb) -> None:
+def _write_audit(path: Path, name: str, keys: list[str], settings) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"job": name, "keys": keys, "unread": settings.unread()}))
+
+
+def _report(kind, err, tb, terminal, log: str) -> None:
     """A fixable fault (dptq's own errors: config, checkpoint, diverged training; a missing or
     unreadable file) is reported as its message alone, which names the file or key and the fix;
     anything else is a bug and keeps its traceback."""
     if kind.__module__.partition(".")[0] == "dptq" or issubclass(kind, OSError):
-        print(f"error: {err}", file=sys.stderr)
+        message = f"error: {err}"
+        print(message, file=sys.stderr)
+        print(f"{message} (log: {log})", file=terminal, flush=True)
     else:
         sys.__excepthook__(kind, err, tb)
-
-
-def _from_snakemake(smk, names: list[str]) -> SimpleNamespace:
-    if smk.log:
-        _redirect_output(smk.log[0])
-    sources = {"wildcards": smk.wildcards, "input": smk.input, "output": smk.output, "params": smk.params}
-    values = {}
-    for name in names:
-        found = [kind for kind, items in sources.items() if name in items.keys()]
-        if len(found) != 1:
-            raise KeyError(f"rule {smk.rule}: {name!r} must be exactly one of its named wildcards, inputs, "
-                           f"outputs or params; found in {found or 'none'}")
-        values[name] = getattr(sources[found[0]], name)
-    return SimpleNamespace(config=dict(smk.config), **values)
+        print(f"error: {kind.__name__}: {err} (traceback in {log})", file=terminal, flush=True)
 
 
 def _redirect_output(path: str) -> None:
@@ -64,17 +79,3 @@ def _redirect_output(path: str) -> None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
-
-
-def _from_command_line(description: str | None, names: list[str]) -> SimpleNamespace:
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", nargs="+", default=["config.yaml"], metavar="YAML",
-                        help="config files, later ones overlay earlier ones (default: config.yaml)")
-    for name in names:
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, required=True)
-    args = parser.parse_args()
-    try:
-        args.config = dptq_config.load(args.config)
-    except dptq_config.ConfigError as err:
-        parser.exit(2, f"error: {err}\n")
-    return SimpleNamespace(**vars(args))

@@ -1,9 +1,8 @@
-"""Tables 1-3 of one arch: every pair's FP and quantized accuracy, the highlighted cell,
-transitory points and the cross-policy table (SPEC §2)."""
+"""Tables 1-3 of one seed and arch (docs/method.md §2.12-2.15)."""
 
-from _entry import arguments
+from _entry import job
 from dptq import evaluate
 
-args = arguments(__doc__, ["arch", "network", "pair_template", "out_dir"])
-evaluate.evaluate_arch(args.config, args.arch, network=args.network, pairs=args.pair_template,
-                       out_dir=args.out_dir)
+args, cfg = job(__doc__, cell=["seed", "arch"], files=["network", "table1", "table2", "table3"], lists=["pairs"])
+evaluate.evaluate_arch(args.seed, args.network, args.pairs, vars(args), dataset=cfg["dataset"], runtime=cfg["runtime"],
+                       quant=cfg["quant"], profits=cfg["pairs"]["policy"]["profits"], **cfg["evaluate"])

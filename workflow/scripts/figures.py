@@ -1,8 +1,10 @@
-"""Draw every figure (PNG and PDF) from the tables and the analysis CSVs (SPEC §7)."""
+"""Draw every figure (PNG and PDF) from the tables and the analysis CSVs (docs/method.md §7)."""
 
-from _entry import arguments
-from dptq import report
+from pathlib import Path
 
-args = arguments(__doc__, ["tables_dir", "analysis_dir", "figures"])
-report.figures(args.config, tables_dir=args.tables_dir, analysis_dir=args.analysis_dir,
-               figures_dir=args.figures)
+from _entry import job
+from dptq import figures
+
+args, _ = job(__doc__, files=["table1", "summary"], lists=["layer_scan", "histograms", "corruptions", "png", "pdf"])
+figures.draw(args.table1, args.summary, args.layer_scan, args.histograms, args.corruptions,
+             figures_dir=Path(args.png[0]).parent)

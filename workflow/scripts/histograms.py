@@ -1,8 +1,9 @@
-"""Figure 3's data: per-layer activation histograms, FP and quantized, with the sparsity
-measure, for the highlighted robust and detrimental networks of one arch (SPEC §2)."""
+"""Fig. 3's data: activation histograms of one seed's and arch's highlighted pairs (docs/method.md §2.17)."""
 
-from _entry import arguments
+from _entry import job
 from dptq import analysis
 
-args = arguments(__doc__, ["arch", "table1", "pair_template", "csv"])
-analysis.histograms(args.config, args.arch, table1=args.table1, pairs=args.pair_template, out=args.csv)
+args, cfg = job(__doc__, cell=["seed", "arch"], files=["table1", "csv"], lists=["pairs"])
+run = analysis.Job.start(args.seed, dataset=cfg["dataset"], runtime=cfg["runtime"], quant=cfg["quant"],
+                         profits=cfg["pairs"]["policy"]["profits"], batch_size=cfg["evaluate"]["batch_size"])
+analysis.histograms(run, args.table1, args.pairs, args.csv, **cfg["analysis"]["histogram"])

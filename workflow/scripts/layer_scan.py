@@ -1,8 +1,10 @@
-"""Figure 2's data: accuracy with layers 1..l, l..N or only l quantized, for the highlighted
-robust and detrimental networks of one arch (SPEC §2)."""
+"""Fig. 2's data: the layer scan of one seed's and arch's highlighted pairs (docs/method.md §2.16)."""
 
-from _entry import arguments
+from _entry import job
 from dptq import analysis
 
-args = arguments(__doc__, ["arch", "table1", "pair_template", "csv"])
-analysis.layer_scan(args.config, args.arch, table1=args.table1, pairs=args.pair_template, out=args.csv)
+args, cfg = job(__doc__, cell=["seed", "arch"], files=["table1", "csv"], lists=["pairs"])
+run = analysis.Job.start(args.seed, dataset=cfg["dataset"], runtime=cfg["runtime"], quant=cfg["quant"],
+                         profits=cfg["pairs"]["policy"]["profits"], batch_size=cfg["evaluate"]["batch_size"])
+analysis.layer_scan(run, args.table1, args.pairs, args.csv, max_examples=cfg["analysis"]["max_examples"],
+                    **cfg["analysis"]["layer_scan"])

@@ -1,10 +1,10 @@
-"""The paper's remedy, measured: the highlighted pairs of one arch and its white-box network with
-the percentile scale and with the layers that the layer scan flags kept at full precision
-(SPEC §2)."""
+"""The paper's remedy, measured on one seed's and arch's highlighted pairs and its white-box network
+(docs/method.md §2.19)."""
 
-from _entry import arguments
+from _entry import job
 from dptq import analysis
 
-args = arguments(__doc__, ["arch", "table1", "layer_scan", "pair_template", "network", "csv"])
-analysis.remedy(args.config, args.arch, table1=args.table1, layer_scan=args.layer_scan, pairs=args.pair_template,
-                network=args.network, out=args.csv)
+args, cfg = job(__doc__, cell=["seed", "arch"], files=["table1", "layer_scan", "network", "csv"], lists=["pairs"])
+run = analysis.Job.start(args.seed, dataset=cfg["dataset"], runtime=cfg["runtime"], quant=cfg["quant"],
+                         profits=cfg["pairs"]["policy"]["profits"], batch_size=cfg["evaluate"]["batch_size"])
+analysis.remedy(run, args.table1, args.layer_scan, args.pairs, args.network, args.csv, **cfg["analysis"]["remedy"])

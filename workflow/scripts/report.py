@@ -1,9 +1,13 @@
 """Write results/report.html (every table and figure, the config, run times) and the headline
-numbers in results/metrics.json (SPEC §7)."""
+numbers in results/metrics.json (docs/method.md §7)."""
 
-from _entry import arguments
+from pathlib import Path
+
+from _entry import job
 from dptq import report
 
-args = arguments(__doc__, ["tables_dir", "analysis_dir", "figures", "benchmarks_dir", "html", "metrics"])
-report.build(args.config, tables_dir=args.tables_dir, analysis_dir=args.analysis_dir, figures_dir=args.figures,
-             benchmarks_dir=args.benchmarks_dir, html_path=args.html, metrics_path=args.metrics)
+args, cfg = job(__doc__, files=["table1", "summary", "table2", "table3", "html", "metrics"],
+                lists=["remedy", "figures", "captions"])
+tables = {name: getattr(args, name) for name in ("table1", "summary", "table2", "table3")}
+report.build(tables, args.remedy, figures_dir=Path(args.figures[0]).parent, captions_dir=Path(args.captions[0]).parent,
+             benchmarks_dir="benchmarks", config=cfg.plain(), html_path=args.html, metrics_path=args.metrics)
