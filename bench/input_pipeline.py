@@ -6,8 +6,9 @@
 Without ``--root`` it writes ``--images`` synthetic photos (500 x 375 JPEG at quality 90, about
 the size of a Pets image) in torchvision's layout under a temporary folder. Through ``dptq.data``
 with the profile's settings it prints ms per image for the decode + resize (the dataset's file
-transform), for the training augmentation alone, and the images/s that ``dptq.data.loader``
-delivers for one epoch of the augmented ``fit`` split at ``kd.batch_size`` with each worker count.
+transform), for the training augmentation alone, and the images/s that ``dptq.data.Data.loader``
+delivers for one epoch of the ``fit`` split, augmented as the distillation augments it (the
+dataset's crop, flip and jitter, then ``kd.randaugment``), at ``kd.batch_size`` with each worker count.
 The pipeline is not the bottleneck while it delivers more images/s than the training step
 consumes (``bench/pair_step.py``: batch / distill ms, on the same machine).
 """
@@ -22,6 +23,7 @@ from PIL import Image
 
 from dptq import config, data
 from dptq.config import section_for
+from dptq.runtime import Runtime
 
 BREEDS = {"Abyssinian": (1, 1, 1), "american_bulldog": (2, 2, 1), "Bengal": (3, 1, 2), "beagle": (4, 2, 2)}
 
@@ -67,7 +69,9 @@ def main():
             write_pets(root, args.images)
         cfg = config.load(args.config, overrides={"dataset": {"name": "oxford_pets", "root": str(root), "download": False},
                                                   "runtime": {"device": "cpu"}})
-        plain, augmented = data.build(cfg, "fit"), data.build(cfg, "fit", augment=True)
+        rt = Runtime(0, **{**cfg["runtime"], "threads": args.threads})
+        dataset = data.Data(**cfg["dataset"])
+        plain, augmented = dataset.build("fit"), dataset.build("fit", randaugment=cfg["kd"]["randaugment"])
         n = min(len(plain), args.images)
         batch = max(section_for(cfg, "kd", arch)["batch_size"] for arch in cfg["kd"]["archs"])
         decoded = [plain.source.image(plain.indices[i]) for i in range(n)]
@@ -76,8 +80,7 @@ def main():
         print(f"augmentation      {ms_per_image(lambda i: augmented.transform(decoded[i]), n):8.2f} ms/image")
         print(f"whole item        {ms_per_image(lambda i: augmented[i], n):8.2f} ms/image")
         for workers in args.workers:
-            cfg["dataset"]["num_workers"] = workers
-            loader = data.loader(augmented, batch, cfg, shuffle=True)
+            loader = data.Data(**{**cfg["dataset"], "num_workers": workers}).loader(augmented, batch, rt, shuffle=True)
             start, seen = time.perf_counter(), 0
             for images, _ in loader:
                 seen += len(images)

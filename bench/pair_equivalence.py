@@ -4,7 +4,7 @@
 
 Fast: the training's own path (policy -> batched exact MCKP -> ``DynamicQuant``: every layer's
 input quantized for the whole batch at once, weights swapped in by ``functional_call``; the
-one-pixel convolutions folded by ``runtime.to_device``).
+one-pixel convolutions folded by ``Runtime.to_device``).
 Straightforward: the network as timm builds it and, per example, a per-layer Python loop DP for
 the knapsack, the model's weights overwritten with ``torch.fake_quantize_per_tensor_affine`` and
 each layer's input quantized by the same torch op through forward hooks, one example at a time. Prints both losses (α·KD + β·hinge,
@@ -17,7 +17,8 @@ import copy
 import timm
 import torch
 
-from dptq import budgets, losses, runtime
+from _timing import bench_runtime
+from dptq import budgets, losses
 from dptq.policy import BitPolicy, allocate
 from dptq.quant import DynamicQuant, quantizable_layers
 
@@ -69,17 +70,17 @@ def straightforward_logits(model, x, bits, weight_bits=16):
 
 
 def compare(arch, size, batch, device):
-    cfg = {"runtime": {"bf16": True, "channels_last": True}, "dataset": {"image_size": size}}
+    rt = bench_runtime(device)
     torch.manual_seed(0)
     plain = timm.create_model(arch, num_classes=10).eval()  # the straightforward path: no folded convolutions
-    student = runtime.to_device(copy.deepcopy(plain), cfg, device).eval()
+    student = rt.to_device(copy.deepcopy(plain), size).eval()
     teacher = copy.deepcopy(student)
     quant = DynamicQuant(student, image_size=size)
     options = budgets.options(4, 10)
     capacity = budgets.capacity(quant.num_layers, 5.5, 1)
     policy = BitPolicy(quant.num_layers, len(options), 64, 32).to(device).eval()
-    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=runtime.memory_format(cfg, device))
-    amp = runtime.autocast(cfg, device)
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=rt.memory_format)
+    amp = rt.autocast()
     with torch.no_grad():
         targets = teacher(x).float()
         with amp:

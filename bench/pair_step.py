@@ -22,7 +22,7 @@ import copy
 import timm
 import torch
 
-from _timing import median_ms
+from _timing import bench_runtime, median_ms
 from dptq import budgets, losses, runtime
 from dptq.policy import BitPolicy, allocate
 from dptq.quant import DynamicQuant
@@ -31,13 +31,13 @@ def step_times(arch: str, size: int, batch: int, device: torch.device, repeats: 
                only: set[str] | None = None, teacher_arch: str = "resnet50") -> tuple[int, dict[str, float]]:
     """(N, {step: median ms}) for one arch at ``size`` px and ``batch`` images per step
     (every step of the module docstring, or the ``only`` ones)."""
-    cfg = {"runtime": {"bf16": True, "channels_last": channels_last}, "dataset": {"image_size": size}}
-    fmt = runtime.memory_format(cfg, device)
+    rt = bench_runtime(device, channels_last)
+    fmt = rt.memory_format
     plain_student = timm.create_model(arch, num_classes=10).to(device, memory_format=fmt).eval()
-    student = runtime.to_device(copy.deepcopy(plain_student), cfg, device)
-    teacher = runtime.to_device(timm.create_model(teacher_arch, num_classes=10), cfg, device).eval().requires_grad_(False)
+    student = rt.to_device(copy.deepcopy(plain_student), size)
+    teacher = rt.to_device(timm.create_model(teacher_arch, num_classes=10), size).eval().requires_grad_(False)
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
-    amp = runtime.autocast(cfg, device)
+    amp = rt.autocast()
     quant = DynamicQuant(student, image_size=size)
     options = budgets.options(4, 10)
     capacity = budgets.capacity(quant.num_layers, 5.5, 1)

@@ -21,7 +21,8 @@ machine. With n_fit = n - n_val, n_val = round(v · n):
   per clean or corrupted pass (seedless corruptions once, the others ``seeds`` times); remedy
   3 networks at FP and 16 quantized settings over the test set.
 
-Job start-up, data loading and checkpoint writes are not counted.
+The whole study runs once per training seed (``seed`` may be a list): every count above is
+multiplied by their number. Job start-up, data loading and checkpoint writes are not counted.
 """
 import argparse
 import math
@@ -39,7 +40,7 @@ PETS_SIZES = {"train": 3680, "test": 3669}
 def split_size(cfg, split: str) -> int:
     """Images in ``split`` of the configured dataset (nothing is downloaded)."""
     try:
-        return len(data.build({**cfg, "dataset": {**cfg["dataset"], "download": False}}, split))
+        return len(data.Data(**{**cfg["dataset"], "download": False}).build(split))
     except FileNotFoundError:
         if cfg["dataset"]["name"] == "oxford_pets":
             return PETS_SIZES[split]
@@ -52,7 +53,8 @@ def per_image(times: dict[str, float], batch: int) -> dict[str, float]:
 
 
 def project(cfg, arch_times, teacher_times, n_layers, n_train, n_test) -> dict[tuple[str, str], float]:
-    """Seconds per (stage, arch) from per-image milliseconds (see the module docstring)."""
+    """Seconds per (stage, arch), all training seeds together, from per-image milliseconds (see the
+    module docstring)."""
     n_val = round(cfg["dataset"]["val_fraction"] * n_train)
     n_fit = n_train - n_val
     p = cfg["pairs"]
@@ -77,7 +79,8 @@ def project(cfg, arch_times, teacher_times, n_layers, n_train, n_test) -> dict[t
             + 2 * n_test * fp_q
             + 2 * corrupted_passes * subset(n_test) * fp_q
             + n_test * (3 * ms["infer fp"] + 16 * ms["infer q"])) / 1000
-    return seconds
+    runs = len(config.seeds(cfg))
+    return {key: runs * s for key, s in seconds.items()}
 
 
 def main():
@@ -95,7 +98,7 @@ def main():
     device, size = torch.device(args.device), cfg["dataset"]["image_size"]
     cap = (lambda b: min(b, args.max_batch)) if args.max_batch else (lambda b: b)
     print(f"device={device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{args.threads} CPU thread(s)'}) "
-          f"config={' + '.join(args.config)} size={size} max_batch={args.max_batch}")
+          f"config={' + '.join(args.config)} size={size} max_batch={args.max_batch} seeds={config.seeds(cfg)}")
 
     def timed(arch, batch, steps):
         n, times = step_times(arch, size, cap(batch), device, args.repeats, cfg["runtime"]["channels_last"], only=set(steps),

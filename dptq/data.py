@@ -168,7 +168,7 @@ def augmentation(image_size: int, crop_padding: int, hflip: bool, color_jitter: 
     steps += [v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter)] if color_jitter else []
     num_ops, magnitude = randaugment["num_ops"], randaugment["magnitude"]
     steps += [v2.RandAugment(num_ops=num_ops, magnitude=magnitude)] if num_ops else []
-    return v2.Compose(steps)
+    return v2.Compose(steps or [v2.Identity()])  # Compose refuses an empty list
 
 
 class Data:

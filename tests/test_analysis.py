@@ -21,6 +21,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = "test_resnet"
 N = models.num_quantizable_layers(ARCH)
+SEED = 3  # the training seed: every CSV's first column; the data subsets do not depend on it
 
 
 # --- scan masks ----------------------------------------------------------------------------------
@@ -46,13 +47,19 @@ def test_scan_masks_refuse_bad_arguments(kind, layer):
 
 # --- histogram and sparsity ----------------------------------------------------------------------
 
+def sparsity_and_hist(values, value_range, width):
+    """Sparsity (%) and the renormalised histogram of ``values`` without the zero bin, as
+    :class:`analysis.LayerHistograms` computes them for one layer's inputs."""
+    return analysis.finish_histogram(*analysis.bin_counts(values, value_range, width), value_range)
+
+
 def test_sparsity_is_the_share_in_the_zero_bin_and_the_rest_is_a_density():
     # 1000 values: 600 exact zeros, 100 tiny positives (also in [0, w)), 200 at 0.5, 50 at 1.5,
     # 50 outside [0, r] (negative or above r): counted in the total, in no bin
     values = torch.cat([torch.zeros(600), torch.full((100,), 0.005), torch.full((200,), 0.5),
                         torch.full((50,), 1.5), torch.full((25,), -0.3), torch.full((25,), 7.0)])
     values = values[torch.randperm(len(values), generator=torch.Generator().manual_seed(0))].view(10, 10, 10)
-    sparsity, edges, density = analysis.sparsity_and_hist(values, 2.0, 0.02)
+    sparsity, edges, density = sparsity_and_hist(values, 2.0, 0.02)
     assert sparsity == pytest.approx(70.0)
     assert len(edges) == len(density) + 1 == 100
     assert edges[0].item() == pytest.approx(0.02) and edges[-1].item() == pytest.approx(2.0)
@@ -63,13 +70,22 @@ def test_sparsity_is_the_share_in_the_zero_bin_and_the_rest_is_a_density():
 
 
 def test_histogram_of_all_zeros_is_fully_sparse_and_finite():
-    sparsity, _, density = analysis.sparsity_and_hist(torch.zeros(3, 4), 1.0, 0.1)
+    sparsity, _, density = sparsity_and_hist(torch.zeros(3, 4), 1.0, 0.1)
     assert sparsity == 100.0 and torch.equal(density, torch.zeros(9, dtype=density.dtype))
 
 
 def test_histogram_needs_two_bins():
     with pytest.raises(ValueError, match="bin_width"):
-        analysis.sparsity_and_hist(torch.ones(4), 1.0, 0.8)
+        sparsity_and_hist(torch.ones(4), 1.0, 0.8)
+
+
+def test_counts_of_several_batches_add_up_to_the_histogram_of_all():
+    values = torch.rand(2, 500, generator=torch.Generator().manual_seed(1)) * 1.5 - 0.2
+    (a, n_a), (b, n_b) = (analysis.bin_counts(v, 1.0, 0.1) for v in values)
+    assert n_a == n_b == 500 and a.dtype == torch.float64 and len(a) == 10
+    together = analysis.finish_histogram(a + b, n_a + n_b, 1.0)
+    for got, want in zip(together, sparsity_and_hist(values, 1.0, 0.1)):
+        assert got == pytest.approx(want) if isinstance(got, float) else torch.allclose(got, want)
 
 
 def test_batch_seeds_are_distinct_and_reproducible():
@@ -106,45 +122,69 @@ def untrained() -> dict:
     return model.state_dict()
 
 
-def write_checkpoints(cfg: dict, root: Path) -> tuple[Path, str]:
-    """A distilled white box and one pair per cell of ``cfg``: untrained, seeded, 10 classes."""
-    n, pc = N, cfg["pairs"]["policy"]
+def write_checkpoints(cfg: dict, root: Path) -> tuple[Path, list[Path]]:
+    """A distilled white box and one pair per cell of ``cfg``: untrained, seeded, 10 classes.
+    Each pair's checkpoint holds its cell; the paths are returned in (version, budget, mode) order."""
+    n, p = N, cfg["pairs"]
+    pc = p["policy"]
     torch.manual_seed(0)
     white = root / "distill.pt"
     checkpoint.save(dict(kind="distill", arch=ARCH, num_classes=10, model=untrained()), white)
-    template = str(root / "pair" / "{version}" / "{budget}" / "{mode}.pt")
-    for version in cfg["pairs"]["versions"]:
-        for budget in cfg["pairs"]["budgets"]:
-            options, capacity = budgets.cell(cfg, ARCH, version, budget)
-            for mode in cfg["pairs"]["modes"]:
-                cell = dict(version=version, budget=budget, mode=mode, options=options, capacity=capacity,
+    paths = []
+    for version, bit_range in p["versions"].items():
+        for budget, level in p["budgets"].items():
+            options, capacity = budgets.cell(n, bit_range, level, p["budget_offset"][version])
+            for mode in p["modes"]:
+                cell = dict(version=version, budget=budget, mode=mode, options=options, capacity=capacity, level=level,
                             num_layers=n, policy_input_size=pc["input_size"], policy_width=pc["width"])
                 policy = BitPolicy(n, len(options), pc["input_size"], pc["width"])
+                paths.append(root / "pair" / version / budget / f"{mode}.pt")
                 checkpoint.save(dict(kind="pair", arch=ARCH, num_classes=10, model=untrained(),
-                                     policy=policy.state_dict(), cell=cell), evaluate.pair_path(template, version, budget, mode))
-    return white, template
+                                     policy=policy.state_dict(), cell=cell), paths[-1])
+    return white, paths
+
+
+def start(cfg: dict, seed: int = SEED) -> analysis.Job:
+    return analysis.Job.start(seed, dataset=cfg["dataset"], runtime=cfg["runtime"], quant=cfg["quant"],
+                              profits=cfg["pairs"]["policy"]["profits"], batch_size=cfg["evaluate"]["batch_size"])
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """evaluate_arch and the four analyses once, on 16 test (and 16 train) images."""
+def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     cfg = tiny_config()
-    build = data.build
+    return (cfg, *write_checkpoints(cfg, root))
+
+
+@pytest.fixture(scope="module")
+def run(checkpoints, tmp_path_factory):
+    """evaluate_arch and the four analyses once, on 16 test (and 16 train) images."""
+    cfg, white, pairs = checkpoints
+    root = tmp_path_factory.mktemp("tiny_run")
+    build = data.Data.build
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(data, "build", lambda cfg, split, augment=False: Subset(build(cfg, split, augment), range(16)))
-        white, template = write_checkpoints(cfg, root)
-        tables = root / "tables"
-        evaluate.evaluate_arch(cfg, ARCH, white, template, tables)
-        out = root / "analysis"
-        analysis.layer_scan(cfg, ARCH, tables / "table1.csv", template, out / "layer_scan.csv")
-        analysis.histograms(cfg, ARCH, tables / "table1.csv", template, out / "histograms.csv")
-        analysis.corruptions(cfg, ARCH, tables / "table1.csv", template, out / "corruptions.csv")
-        analysis.remedy(cfg, ARCH, tables / "table1.csv", out / "layer_scan.csv", template, white, out=out / "remedy.csv")
-        analysis.remedy(cfg, ARCH, table1=tables / "table1.csv", layer_scan=out / "layer_scan.csv", pairs=template,
-                        out=out / "remedy_without_white_box.csv")
+        mp.setattr(data.Data, "build", lambda self, split, randaugment=None: Subset(build(self, split, randaugment), range(16)))
+        tables = {name: root / "tables" / f"{name}.csv" for name in ("table1", "table2", "table3")}
+        evaluate.evaluate_arch(SEED, white, pairs, tables, dataset=cfg["dataset"], runtime=cfg["runtime"],
+                               quant=cfg["quant"], profits=cfg["pairs"]["policy"]["profits"], **cfg["evaluate"])
+        out, a, table1 = root / "analysis", cfg["analysis"], tables["table1"]
+        job = start(cfg)
+        analysis.layer_scan(job, table1, pairs, out / "layer_scan.csv", max_examples=a["max_examples"], **a["layer_scan"])
+        analysis.histograms(job, table1, pairs, out / "histograms.csv", range=a["histogram"]["range"],
+                            bin_width=a["histogram"]["bin_width"])
+        analysis.corruptions(job, table1, pairs, out / "corruptions.csv", max_examples=a["max_examples"], **a["corruptions"])
+        analysis.remedy(job, table1, out / "layer_scan.csv", pairs, white, out / "remedy.csv", **a["remedy"])
+        analysis.remedy(job, table1=table1, layer_scan=out / "layer_scan.csv", pairs=pairs, network=None,
+                        out=out / "remedy_without_white_box.csv", **a["remedy"])
     read = lambda path: pd.read_csv(path, dtype={"version": str, "budget": str, "options": str})  # noqa: E731
-    return cfg, {p.stem: read(p) for p in [*tables.glob("*.csv"), *out.glob("*.csv")]}
+    return cfg, {p.stem: read(p) for p in [*tables.values(), *out.glob("*.csv")]}
+
+
+def test_every_csv_starts_with_the_training_seed(run):
+    _, t = run
+    assert len(t) == 8
+    for name, table in t.items():
+        assert table.columns[0] == "seed" and (table["seed"] == SEED).all(), name
 
 
 def in_percent(series) -> bool:
@@ -157,6 +197,9 @@ def test_evaluate_arch_tables(run):
     t1, t2, t3 = t["table1"], t["table2"], t["table3"]
     assert list(t1.columns) == evaluate.TABLE1_COLUMNS
     assert len(t1) == 4 and set(t1["options"]) == {"3-10"} and set(t1["capacity"]) == {round(4.0 * N), round(5.5 * N)}
+    # the rows in the order of the pair checkpoints given, each labelled with the cell its checkpoint holds
+    assert list(zip(t1["budget"], t1["mode"])) == [("B", "robust"), ("B", "detrimental"), ("A", "robust"), ("A", "detrimental")]
+    assert dict(zip(t1["budget"], t1["capacity"])) == {"A": round(4.0 * N), "B": round(5.5 * N)}
     assert in_percent(t1["fp_acc"]) and in_percent(t1["q_acc"]) and in_percent(t1["white_box_acc"])
     assert (t1["delta"] - (t1["q_acc"] - t1["fp_acc"])).abs().max() < 1e-9
     hl = t1[t1["highlighted"]]
@@ -210,7 +253,7 @@ def test_corruptions_csv(run):
     assert list(c.columns) == analysis.CORRUPTION_COLUMNS
     names, seeds, degrees = 3, 2, 2
     assert len(c) == 2 * 2 * names * seeds * (degrees + 1)
-    assert set(c["degree"]) == {0, 1, 2} and set(c["seed"]) == {0, 1} and in_percent(c["acc"])
+    assert set(c["degree"]) == {0, 1, 2} and set(c["corruption_seed"]) == {0, 1} and in_percent(c["acc"])
     clean = c[c["degree"] == 0].groupby(["network", "precision"])["acc"]
     assert (clean.nunique() == 1).all()  # degree 0 is the one clean measurement: Table 1's
     hl = t["table1"][t["table1"]["highlighted"]].set_index("mode")
@@ -246,3 +289,37 @@ def test_flagged_layers(run):
     assert analysis.flagged_layers(t["layer_scan"].assign(acc=50.0), ARCH, "robust", 50.0, 5.0) == []
     with pytest.raises(ValueError, match="layer_scan.splits"):
         analysis.flagged_layers(scan[scan["split"] == "train"], ARCH, "robust", 50.0, 5.0)
+
+
+# --- the highlighted pairs, their bits, and the seeded subsets -----------------------------------
+
+def test_highlighted_pairs_are_found_by_the_cell_each_checkpoint_holds(run, checkpoints, tmp_path):
+    cfg, _, pairs = checkpoints
+    job = start(cfg)
+    table1 = tmp_path / "table1.csv"
+    t1 = run[1]["table1"]
+    t1.to_csv(table1, index=False)
+    loaded = analysis.highlighted_pairs(job, table1, list(reversed(pairs)))  # any order
+    budget = t1.loc[t1["highlighted"], "budget"].iloc[0]
+    assert list(loaded) == ["robust", "detrimental"]
+    for mode, pair in loaded.items():
+        assert (pair.cell["version"], pair.cell["budget"], pair.cell["mode"]) == ("I", budget, mode)
+    x = torch.rand(3, 3, 16, 16)
+    b = analysis.bits(loaded["detrimental"], x, job)
+    assert b.shape == (3, N) and (b.sum(1) == loaded["detrimental"].capacity).all()
+    assert set(b.unique().tolist()) <= set(loaded["detrimental"].options)
+    others = [p for p in pairs if checkpoint.cell(p)["budget"] != budget or checkpoint.cell(p)["mode"] != "detrimental"]
+    with pytest.raises(ValueError, match=rf"highlighted cell I-{budget} has no \['detrimental'\] pair among the 3 checkpoints"):
+        analysis.highlighted_pairs(job, table1, others)
+    t1.assign(highlighted=False).to_csv(table1, index=False)
+    with pytest.raises(ValueError, match="expected one highlighted cell.*found 0 highlighted rows"):
+        analysis.highlighted_pairs(job, table1, pairs)
+
+
+def test_analysis_subsets_depend_on_the_split_seed_not_the_training_seed():
+    cfg = tiny_config()
+    subset = lambda job: analysis._scan_loader(job, "test", 150).dataset.indices  # noqa: E731
+    first = subset(start(cfg, seed=0))
+    assert len(first) == 150 and first == subset(start(cfg, seed=7))
+    other = config.merge(cfg, {"dataset": {"split_seed": 1}})
+    assert first != subset(start(other, seed=0))

@@ -52,6 +52,13 @@ def test_analysis_counts(cfg):
     assert seconds_with(cfg, {"infer q": 1.0})[("evaluate", "resnet18")] == pytest.approx(899 * (18 + 9) / 1000)
 
 
+def test_every_training_seed_runs_the_whole_study(cfg):
+    ms = {"distill": 1.0, "infer fp": 1.0, "infer q": 1.0, "pair": 1.0, "pair eval": 1.0}
+    one = seconds_with(cfg, ms, {"plain": 1.0, "infer fp": 1.0})
+    three = seconds_with(config.merge(cfg, {"seed": [0, 1, 2]}), ms, {"plain": 1.0, "infer fp": 1.0})
+    assert three.keys() == one.keys() and all(three[k] == pytest.approx(3 * one[k]) for k in one)
+
+
 def run(script, *args):
     out = subprocess.run([sys.executable, script, *args], cwd=ROOT / "bench", capture_output=True, text=True, timeout=600,
                          env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": ""})

@@ -182,8 +182,6 @@ def test_augmented_iff_a_randaugment_is_given():
     assert steps(make_data(augment=none).build("train", randaugment=RA).transform) == ["RandAugment"]
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="dptq bug: v2.Compose([]) refuses an empty list, so a "
-                   "valid config without any augmentation (crop_padding 0, no flip, no jitter, num_ops 0) cannot train")
 def test_no_augmentation_at_all_is_the_identity():
     none = dict(crop_padding=0, hflip=False, color_jitter=0.0)
     transform = data.augmentation(SIZE, **none, randaugment={"num_ops": 0, "magnitude": 9})

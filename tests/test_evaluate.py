@@ -1,24 +1,24 @@
-"""dptq.evaluate: the highlight rule, transitory points, table merging and the stale-checkpoint check,
-on hand-made tables (the end-to-end run of evaluate_arch is in test_analysis.py)."""
+"""dptq.evaluate: the highlight rule, transitory points, the seeds' summary and table merging, on
+hand-made tables (the end-to-end run of evaluate_arch is in test_analysis.py)."""
+import math
 import warnings
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
-from dptq import checkpoint, config, evaluate, models
-from dptq.policy import BitPolicy
+from dptq import evaluate
 
 torch.set_num_threads(1)
 
 
-def table(cells: dict, arch: str = "rn") -> pd.DataFrame:
+def table(cells: dict, arch: str = "rn", seed: int = 0) -> pd.DataFrame:
     """Table 1 rows from {(version, budget): (fp_R, delta_R, fp_D, delta_D)}."""
     rows = []
     for (version, budget), (fp_r, d_r, fp_d, d_d) in cells.items():
         for mode, fp, delta in (("robust", fp_r, d_r), ("detrimental", fp_d, d_d)):
-            rows.append(dict(arch=arch, version=version, budget=budget, mode=mode, fp_acc=fp, q_acc=fp + delta, delta=delta))
+            rows.append(dict(seed=seed, arch=arch, version=version, budget=budget, mode=mode, fp_acc=fp, q_acc=fp + delta,
+                             delta=delta))
     return pd.DataFrame(rows)
 
 
@@ -66,8 +66,16 @@ def test_highlight_skips_incomplete_cells_and_refuses_bad_tables():
 
 
 def test_budget_order_follows_the_levels():
-    cfg = {"pairs": {"budgets": {"C": 7.0, "A": 4.0, "X": 4.0, "B": 5.5}}}
-    assert evaluate.budget_order(cfg) == ["A", "X", "B", "C"]
+    assert evaluate.budget_order({"C": 7.0, "A": 4.0, "X": 4.0, "B": 5.5}) == ["A", "X", "B", "C"]
+
+
+def test_random_policy_is_seeded_afresh():
+    images = torch.zeros(4, 3, 8, 8)
+    first = evaluate.random_policy(5, 3, seed=2)(images)
+    assert first.shape == (4, 5, 3) and ((first >= 0) & (first < 1)).all()
+    torch.manual_seed(123)  # whatever ran before
+    assert torch.equal(evaluate.random_policy(5, 3, seed=2)(images), first)
+    assert not torch.equal(evaluate.random_policy(5, 3, seed=3)(images), first)
 
 
 def test_transitory_points_by_hand():
@@ -81,38 +89,106 @@ def test_transitory_points_by_hand():
         evaluate.transitory_pct([True], [True, False], [True])
 
 
-def write_tables(folder, arch):
+# --- the seeds' summary and the merged tables ---------------------------------------------------
+
+def test_ci95_is_the_student_t_half_width():
+    # n = 3, s = 1: t_{0.975, 2} / sqrt(3) = 4.302653 / 1.732051
+    assert evaluate.ci95(pd.Series([1.0, 2.0, 3.0])) == pytest.approx(2.4841, abs=1e-4)
+    # n = 2, s = sqrt(2): t_{0.975, 1} · sqrt(2) / sqrt(2) = 12.7062
+    assert evaluate.ci95(pd.Series([0.0, 2.0])) == pytest.approx(12.7062, abs=1e-4)
+    assert evaluate.ci95(pd.Series([5.0, 5.0, 5.0])) == 0.0
+    assert math.isnan(evaluate.ci95(pd.Series([88.0])))
+
+
+LEVELS = {"B": 5.5, "A": 4.0}
+
+
+def full_table1(cells: dict, arch: str = "rn", seed: int = 0, white_box_acc: float = 90.0) -> pd.DataFrame:
+    """A complete Table 1 (every column) of one arch and seed; ``highlighted`` marks nothing."""
+    t = table(cells, arch, seed)
+    return t.assign(options=t["version"].map({"I": "3-10", "II": "4-10"}),
+                    capacity=t["budget"].map({"A": 80, "B": 110}), highlighted=False,
+                    white_box_acc=white_box_acc)[evaluate.TABLE1_COLUMNS]
+
+
+def three_seeds(arch: str = "rn") -> pd.DataFrame:
+    """Seed 0 alone highlights I-A (objective 30 against 10); on the means II-B wins (10 2/3 against 10)."""
+    per_seed = [{("I", "A"): (88.0, -1.0, 87.5, -31.0), ("II", "B"): (88.0, -1.0, 88.0, -11.0)},
+                {("I", "A"): (89.0, 0.0, 88.5, 0.0), ("II", "B"): (88.0, 0.0, 88.0, -12.0)},
+                {("I", "A"): (90.0, -2.0, 89.5, -2.0), ("II", "B"): (88.0, -2.0, 88.0, -12.0)}]
+    return pd.concat([full_table1(cells, arch, seed, 90.0 + seed) for seed, cells in enumerate(per_seed)], ignore_index=True)
+
+
+def test_summary_over_three_seeds_highlights_on_the_means():
+    t1 = three_seeds()
+    assert evaluate.highlight(t1[t1["seed"] == 0], 1.0, ["A", "B"]) == ("I", "A")
+    summary = evaluate.summarize(t1, 1.0, LEVELS)
+    assert list(summary.columns) == evaluate.SUMMARY_COLUMNS and len(summary) == 4
+    assert (summary["n_seeds"] == 3).all()
+    row = summary.set_index(["version", "budget", "mode"]).loc[("I", "A", "robust")]
+    assert (row["options"], row["capacity"]) == ("3-10", 80)
+    assert row["fp_acc_mean"] == pytest.approx(89.0) and row["fp_acc_ci95"] == pytest.approx(2.4841, abs=1e-4)
+    assert row["delta_mean"] == pytest.approx(-1.0) and row["q_acc_mean"] == pytest.approx(88.0)
+    assert row["white_box_acc_mean"] == pytest.approx(91.0) and row["white_box_acc_ci95"] == pytest.approx(2.4841, abs=1e-4)
+    detrimental = summary.set_index(["version", "budget", "mode"]).loc[("II", "B", "detrimental")]
+    assert detrimental["delta_mean"] == pytest.approx(-35 / 3) and detrimental["fp_acc_ci95"] == 0.0
+    highlighted = summary[summary["highlighted"]]
+    assert set(zip(highlighted["version"], highlighted["budget"])) == {("II", "B")} and len(highlighted) == 2
+
+
+def test_summary_of_one_seed_has_no_interval():
+    summary = evaluate.summarize(three_seeds().query("seed == 1"), 1.0, LEVELS)
+    assert (summary["n_seeds"] == 1).all() and summary["delta_ci95"].isna().all()
+    assert summary.loc[summary["highlighted"], "version"].unique().tolist() == ["II"]
+
+
+def write_tables(folder, arch, seed=0, t1=None):
     folder.mkdir()
-    t1 = table({("I", "A"): (88.0, -1.0, 87.5, -20.0)}, arch).assign(options="3-10", capacity=80, highlighted=True, white_box_acc=88.1)
+    if t1 is None:
+        t1 = full_table1({("I", "A"): (88.0, -1.0, 87.5, -20.0)}, arch, seed, 88.1).assign(highlighted=True)
     t1[evaluate.TABLE1_COLUMNS].to_csv(folder / "table1.csv", index=False)
-    pd.DataFrame([dict(arch=arch, transitory_pct=12.5)]).to_csv(folder / "table2.csv", index=False)
-    pd.DataFrame([dict(arch=arch, network="robust", policy="random", q_acc=80.0, fp_acc=88.0)]).to_csv(folder / "table3.csv", index=False)
+    pd.DataFrame([dict(seed=seed, arch=arch, transitory_pct=12.5)]).to_csv(folder / "table2.csv", index=False)
+    pd.DataFrame([dict(seed=seed, arch=arch, network="robust", policy="random", q_acc=80.0, fp_acc=88.0)]).to_csv(
+        folder / "table3.csv", index=False)
+    return [folder / f"table{i}.csv" for i in (1, 2, 3)]
+
+
+def merge(folders, out):
+    """merge_tables on the tables of ``folders``, written under ``out``."""
+    names = ("table1", "summary", "table2", "table3")
+    evaluate.merge_tables(*([f / f"table{i}.csv" for f in folders] for i in (1, 2, 3)), {n: out / f"{n}.csv" for n in names},
+                          highlight_max_fp_gap=1.0, budget_levels=LEVELS)
 
 
 def test_merge_tables(tmp_path):
     write_tables(tmp_path / "a", "rn")
     write_tables(tmp_path / "b", "mnv4")
-    evaluate.merge_tables([tmp_path / "a", tmp_path / "b"], tmp_path / "all")
+    write_tables(tmp_path / "c", "rn", seed=1)
+    merge([tmp_path / "a", tmp_path / "b", tmp_path / "c"], tmp_path / "all")
     t1 = evaluate.read_table(tmp_path / "all" / "table1.csv")
-    assert list(t1.columns) == evaluate.TABLE1_COLUMNS and list(t1["arch"]) == ["rn", "rn", "mnv4", "mnv4"]
-    assert t1["options"].tolist() == ["3-10"] * 4 and t1["highlighted"].all()
-    assert list(pd.read_csv(tmp_path / "all" / "table2.csv")["arch"]) == ["rn", "mnv4"]
+    assert list(t1.columns) == evaluate.TABLE1_COLUMNS and list(t1["arch"]) == ["rn", "rn", "mnv4", "mnv4", "rn", "rn"]
+    assert t1["seed"].tolist() == [0, 0, 0, 0, 1, 1]
+    assert t1["options"].tolist() == ["3-10"] * 6 and t1["highlighted"].all()
+    t2 = pd.read_csv(tmp_path / "all" / "table2.csv")
+    assert list(t2.columns) == evaluate.TABLE2_COLUMNS and list(t2["arch"]) == ["rn", "mnv4", "rn"]
+    assert list(pd.read_csv(tmp_path / "all" / "table3.csv").columns) == evaluate.TABLE3_COLUMNS
+    summary = evaluate.read_table(tmp_path / "all" / "summary.csv")
+    assert list(summary.columns) == evaluate.SUMMARY_COLUMNS
+    assert dict(zip(summary["arch"], summary["n_seeds"])) == {"rn": 2, "mnv4": 1} and summary["highlighted"].all()
     pd.DataFrame([dict(arch="rn", pct=1.0)]).to_csv(tmp_path / "b" / "table2.csv", index=False)
-    with pytest.raises(ValueError, match="expected"):
-        evaluate.merge_tables([tmp_path / "a", tmp_path / "b"], tmp_path / "all")
+    with pytest.raises(ValueError, match=r"b/table2\.csv: columns .* expected .*re-run the evaluate job"):
+        merge([tmp_path / "a", tmp_path / "b"], tmp_path / "all")
 
 
-def test_load_pair_refuses_a_checkpoint_from_another_config(tmp_path):
-    cfg = config.load([Path(__file__).resolve().parents[1] / "config.yaml"], {"runtime": {"device": "cpu"}, "dataset": {"image_size": 16}})
-    arch = "test_resnet"
-    n = models.num_quantizable_layers(arch)
-    cell = dict(version="I", budget="A", mode="robust", options=list(range(3, 11)), capacity=4 * n + 1,
-                num_layers=n, policy_input_size=16, policy_width=4)
-    path = tmp_path / "pair.pt"
-    checkpoint.save(dict(kind="pair", arch=arch, num_classes=10, model=models.create(arch, 10).state_dict(),
-                         policy=BitPolicy(n, 8, 16, 4).state_dict(), cell=cell), path)
-    with pytest.raises(checkpoint.CheckpointError, match="capacity"):
-        evaluate.load_pair(cfg, arch, path, torch.device("cpu"), "I", "A", "robust")
-    checkpoint.save({**checkpoint.load(path), "cell": {**cell, "capacity": 4 * n}}, path)
-    pair = evaluate.load_pair(cfg, arch, path, torch.device("cpu"), "I", "A", "robust")
-    assert pair.capacity == 4 * n and pair.quant.num_layers == n
+def test_merged_summary_highlights_each_arch_on_its_means(tmp_path):
+    folders = []
+    for arch in ("rn", "mnv4"):
+        t1 = three_seeds(arch)
+        for seed in range(3):
+            folders.append(tmp_path / f"{arch}{seed}")
+            write_tables(folders[-1], arch, seed, t1[t1["seed"] == seed])
+    merge(folders, tmp_path / "all")
+    summary = evaluate.read_table(tmp_path / "all" / "summary.csv")
+    assert len(summary) == 8 and (summary["n_seeds"] == 3).all()
+    for arch, rows in summary.groupby("arch"):
+        assert set(zip(rows.loc[rows["highlighted"], "version"], rows.loc[rows["highlighted"], "budget"])) == {("II", "B")}

@@ -1,4 +1,4 @@
-"""dptq.quant against torch's own fake quantizer, float64 hand formulas and the layer counts of SPEC §2."""
+"""dptq.quant against torch's own fake quantizer, float64 hand formulas and the layer counts of docs/method.md §2.1."""
 import timm
 import torch
 import pytest

@@ -3,7 +3,8 @@ below the robust pair's while both keep their full-precision accuracy (ResNet18,
 import pytest
 import torch
 
-from dptq import checkpoint, config, data, evaluate, runtime, train
+from dptq import checkpoint, config, data, evaluate, train
+from dptq.runtime import Runtime
 
 torch.set_num_threads(1)
 SMALL = {
@@ -17,23 +18,27 @@ SMALL = {
 
 @pytest.mark.slow
 def test_detrimental_pair_collapses_when_quantized(tmp_path, monkeypatch):
-    build = data.build
-    monkeypatch.setattr(data, "build", lambda cfg, split, augment=False: torch.utils.data.Subset(
-        build(cfg, split, augment), range(min(len(build(cfg, split)), 450 if split != "val" else 60))))
+    build = data.Data.build
+    monkeypatch.setattr(data.Data, "build", lambda self, split, randaugment=None: torch.utils.data.Subset(
+        build(self, split, randaugment), range(min(len(build(self, split)), 450 if split != "val" else 60))))
     cfg = config.merge(config.read_yaml("config.yaml"), SMALL)
+    common = dict(dataset=cfg["dataset"], runtime=cfg["runtime"], val_batch_size=cfg["evaluate"]["batch_size"])
     # W: a resnet18 trained on the labels (the teacher stage), used as the distilled network
-    train.train_teacher(cfg, tmp_path / "w.pt", tmp_path / "w.csv")
+    train.train_teacher(0, tmp_path / "w.pt", tmp_path / "w.csv", teacher=cfg["teacher"], **common)
     white_box = checkpoint.load(tmp_path / "w.pt")
     checkpoint.save({**white_box, "kind": "distill"}, tmp_path / "w.pt")
-    dev = runtime.setup(cfg)
-    loader = data.loader(data.build(cfg, "test"), 256, cfg)
+    rt, test = Runtime(0, **cfg["runtime"]), data.Data(**cfg["dataset"])
+    loader = test.loader(test.build("test"), 256, rt)
+    profits = cfg["pairs"]["policy"]["profits"]
     acc = {}
     for mode in ("robust", "detrimental"):
         out = tmp_path / f"{mode}.pt"
-        train.train_pair(cfg, "resnet18", "I", "A", mode, tmp_path / "w.pt", out, tmp_path / f"{mode}.csv")
-        pair = evaluate.load_pair(cfg, "resnet18", out, dev, "I", "A", mode)
-        fp = evaluate.accuracy(*evaluate.predict(pair.quant, loader, cfg, dev))
-        q = evaluate.accuracy(*evaluate.predict(pair.quant, loader, cfg, dev, policy=pair.policy,
+        train.train_pair(0, "resnet18", "I", "A", mode, tmp_path / "w.pt", out, tmp_path / f"{mode}.csv", quant=cfg["quant"],
+                         pairs=config.section_for(cfg, "pairs", "resnet18"), temperature=cfg["kd"]["temperature"], **common)
+        pair = checkpoint.pair(out, rt, test.image_size, cfg["quant"])
+        assert (pair.cell["version"], pair.cell["budget"], pair.cell["mode"]) == ("I", "A", mode)
+        fp = evaluate.accuracy(*evaluate.predict(pair.quant, loader, rt))
+        q = evaluate.accuracy(*evaluate.predict(pair.quant, loader, rt, profits, policy=pair.policy,
                                                 options=pair.options, capacity=pair.capacity))
         acc[mode] = (fp, q)
     print(acc)

@@ -1,5 +1,6 @@
 """dptq.train: each stage on a tiny problem, exact resume after a kill or SIGTERM, determinism,
 non-finite losses, and the query-only teacher."""
+import dataclasses
 import math
 import os
 import signal
@@ -8,11 +9,12 @@ import pytest
 import torch
 
 from dptq import checkpoint, config, data, train
+from dptq.runtime import Runtime
 
 torch.set_num_threads(1)
 TINY = {
     "dataset": {"image_size": 16, "val_fraction": 0.2},
-    "teacher": {"arch": "resnet18", "epochs": 1, "batch_size": 32},
+    "teacher": {"arch": "resnet18", "epochs": 1, "batch_size": 32, "randaugment": {"num_ops": 1, "magnitude": 5}},
     "kd": {"archs": ["resnet18"], "epochs": 1, "batch_size": 32},
     "pairs": {"epochs": 2, "batch_size": 32},
     "evaluate": {"batch_size": 64},
@@ -22,14 +24,14 @@ TINY = {
 
 @pytest.fixture(autouse=True)
 def small_data(monkeypatch):
-    """96 training images: two steps of 32 per epoch after the validation share."""
-    build = data.build
+    """80 fit and 20 val images: three steps of 32 per epoch (the last one of 16)."""
+    build = data.Data.build
 
-    def subset(cfg, split, augment=False):
-        ds = build(cfg, split, augment)
+    def subset(self, split, randaugment=None):
+        ds = build(self, split, randaugment)
         return torch.utils.data.Subset(ds, range(min(len(ds), 80 if split == "fit" else 20)))
 
-    monkeypatch.setattr(data, "build", subset)
+    monkeypatch.setattr(data.Data, "build", subset)
 
 
 @pytest.fixture(scope="module")
@@ -37,20 +39,38 @@ def cfg():
     return config.merge(config.read_yaml("config.yaml"), TINY)
 
 
+def common(cfg) -> dict:
+    """The config pieces every training entry point takes."""
+    return dict(dataset=cfg["dataset"], runtime=cfg["runtime"], val_batch_size=cfg["evaluate"]["batch_size"])
+
+
 @pytest.fixture(scope="module")
-def network(cfg, tmp_path_factory):
-    """A teacher and its distilled resnet18, trained for one epoch each."""
+def stages(cfg, tmp_path_factory):
+    """A teacher and its distilled resnet18, trained for one epoch each, and the (split,
+    randaugment) of every dataset the two stages built."""
     root = tmp_path_factory.mktemp("stages")
     mp = pytest.MonkeyPatch()
-    small_build = data.build
-    mp.setattr(data, "build", lambda c, s, augment=False: torch.utils.data.Subset(small_build(c, s, augment), range(40)))
-    train.train_teacher(cfg, root / "teacher.pt", root / "teacher.csv")
-    train.distill(cfg, "resnet18", root / "teacher.pt", root / "resnet18.pt", root / "resnet18.csv")
+    small_build, builds = data.Data.build, []
+
+    def small(self, split, randaugment=None):
+        builds.append((split, randaugment))
+        return torch.utils.data.Subset(small_build(self, split, randaugment), range(40))
+
+    mp.setattr(data.Data, "build", small)
+    train.train_teacher(0, root / "teacher.pt", root / "teacher.csv", teacher=cfg["teacher"], **common(cfg))
+    train.distill(0, "resnet18", root / "teacher.pt", root / "resnet18.pt", root / "resnet18.csv",
+                  kd=config.section_for(cfg, "kd", "resnet18"), **common(cfg))
     mp.undo()
-    return root
+    return root, builds
 
 
-def test_teacher_and_distill_outputs(network):
+@pytest.fixture(scope="module")
+def network(stages):
+    return stages[0]
+
+
+def test_teacher_and_distill_outputs(cfg, stages):
+    network, builds = stages
     teacher = checkpoint.load(network / "teacher.pt", kind="teacher")
     student = checkpoint.load(network / "resnet18.pt", kind="distill", arch="resnet18")
     assert teacher["num_classes"] == student["num_classes"] == 10
@@ -58,10 +78,21 @@ def test_teacher_and_distill_outputs(network):
     lines = (network / "resnet18.csv").read_text().splitlines()
     assert lines[0].startswith("epoch,loss,train_acc,lr,seconds,val_acc") and len(lines) == 2
     assert not list(network.glob("*.resume"))
+    # each stage trains on the fit split with its own RandAugment and validates on the plain val split
+    assert builds == [("fit", cfg["teacher"]["randaugment"]), ("val", None), ("fit", cfg["kd"]["randaugment"]), ("val", None)]
+
+
+def recipe(section) -> train.Recipe:
+    """A stage's recipe from its config section: every field the section names (mixup_alpha for kd)."""
+    fields = {f.name for f in dataclasses.fields(train.Recipe)} - {"val_batch_size"}
+    return train.Recipe(**{k: section[k] for k in fields if k in section}, val_batch_size=64)
 
 
 def test_teacher_is_query_only(cfg, network):
-    stage = train.DistillStage(cfg, torch.device("cpu"), "resnet18", checkpoint.load(network / "teacher.pt"))
+    rt = Runtime(0, **{**cfg["runtime"], "device": "cpu"})
+    kd = config.section_for(cfg, "kd", "resnet18")
+    stage = train.DistillStage(recipe(kd), data.Data(**cfg["dataset"]), rt, "resnet18",
+                               checkpoint.load(network / "teacher.pt"), kd["temperature"])
     assert callable(stage.teacher) and not isinstance(stage.teacher, torch.nn.Module)
     logits = stage.teacher(torch.randn(2, 3, 16, 16))
     assert logits.shape == (2, 10) and not logits.requires_grad
@@ -69,8 +100,13 @@ def test_teacher_is_query_only(cfg, network):
     assert len(trainable) == sum(1 for _ in stage.model.parameters())
 
 
-def pair(cfg, network, out, mode="robust"):
-    train.train_pair(cfg, "resnet18", "II", "B", mode, network / "resnet18.pt", out, out.with_suffix(".csv"))
+def train_pair(cfg, arch, network, out, mode="robust", seed=0):
+    train.train_pair(seed, arch, "II", "B", mode, network, out, out.with_suffix(".csv"), quant=cfg["quant"],
+                     pairs=config.section_for(cfg, "pairs", arch), temperature=cfg["kd"]["temperature"], **common(cfg))
+
+
+def pair(cfg, network, out, mode="robust", seed=0):
+    train_pair(cfg, "resnet18", network / "resnet18.pt", out, mode, seed)
     return checkpoint.load(out, kind="pair")
 
 
@@ -84,15 +120,20 @@ def assert_same_weights(a, b):
 def test_pair_checkpoint(cfg, network, tmp_path):
     ckpt = pair(cfg, network, tmp_path / "robust.pt")
     assert ckpt["cell"]["capacity"] == 130 and ckpt["cell"]["options"] == list(range(4, 11))
+    assert {k: ckpt["cell"][k] for k in ("version", "budget", "mode", "level", "num_layers")} == dict(
+        version="II", budget="B", mode="robust", level=5.5, num_layers=20)
     assert 1 <= ckpt["best_epoch"] <= 2
-    policy = checkpoint.policy(ckpt)
+    policy = checkpoint.policy_of(ckpt)
     assert policy(torch.zeros(1, 3, 16, 16)).shape == (1, 20, 7)
     rows = (tmp_path / "robust.csv").read_text().splitlines()
     assert "val_q_acc" in rows[0] and len(rows) == 3
 
 
-def test_same_seed_same_weights(cfg, network, tmp_path):
-    assert_same_weights(pair(cfg, network, tmp_path / "a.pt"), pair(cfg, network, tmp_path / "b.pt"))
+def test_same_seed_same_weights_another_seed_others(cfg, network, tmp_path):
+    a = pair(cfg, network, tmp_path / "a.pt")
+    assert_same_weights(a, pair(cfg, network, tmp_path / "b.pt"))
+    other = pair(cfg, network, tmp_path / "c.pt", seed=1)
+    assert not all(torch.equal(a["policy"][k], other["policy"][k]) for k in a["policy"])
 
 
 @pytest.mark.parametrize("how", ["killed", "sigterm"])
@@ -148,7 +189,7 @@ def test_corrupt_resume_file_is_refused_not_overwritten(cfg, network, tmp_path):
 
 def test_wrong_arch_checkpoint_is_refused(cfg, network, tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match=r"holds arch 'resnet18', expected 'regnetx_016'"):
-        train.train_pair(cfg, "regnetx_016", "II", "B", "robust", network / "resnet18.pt", tmp_path / "p.pt", tmp_path / "p.csv")
+        train_pair(cfg, "regnetx_016", network / "resnet18.pt", tmp_path / "p.pt")
 
 
 def test_lr_factor_warms_up_linearly_then_decays_on_the_cosine():
@@ -163,3 +204,16 @@ def test_lr_factor_warms_up_linearly_then_decays_on_the_cosine():
         assert math.isclose(opt.param_groups[0]["lr"], 0.5 * train.lr_factor(step, 12, 0, 0.1), rel_tol=1e-9), step
         opt.step()
         cosine.step()
+
+
+def test_recipe_optimizer_follows_the_section():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    sgd = recipe({"epochs": 1, "optimizer": "sgd", "lr": 0.1, "min_lr": 0.0, "warmup_epochs": 0, "momentum": 0.8,
+                  "weight_decay": 1e-4, "batch_size": 8, "randaugment": {"num_ops": 0, "magnitude": 9}}).optimizer_for(params)
+    assert isinstance(sgd, torch.optim.SGD)
+    assert {k: sgd.defaults[k] for k in ("lr", "momentum", "weight_decay")} == {"lr": 0.1, "momentum": 0.8, "weight_decay": 1e-4}
+    adamw = recipe({"epochs": 1, "optimizer": "adamw", "lr": 2e-3, "min_lr": 0.0, "warmup_epochs": 0, "momentum": 0.9,
+                    "weight_decay": 0.05, "batch_size": 8, "randaugment": {"num_ops": 0, "magnitude": 9}})
+    opt = adamw.optimizer_for(params)
+    assert isinstance(opt, torch.optim.AdamW) and (opt.defaults["lr"], opt.defaults["weight_decay"]) == (2e-3, 0.05)
+    assert (adamw.mixup_alpha, adamw.grad_clip, adamw.select_best) == (0.0, None, False)  # the stage-only defaults
