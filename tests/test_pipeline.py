@@ -157,15 +157,16 @@ def test_every_job_reads_exactly_the_config_keys_it_declares(smoke_run):
 
 @pytest.mark.parametrize("key", READERS)
 def test_changing_a_key_reruns_exactly_the_jobs_that_read_it(smoke_run, dvc_run, tmp_path, key):
-    """Snakemake: the jobs whose params changed; DVC: the stages whose params changed. Both are the
-    rules that read the key (the report shows the whole config, so it reads every key)."""
+    """DVC: the stages whose params changed are exactly the rules that read the key (the report
+    shows the whole config, so it reads every key). Snakemake names a job's params as its reason
+    only when no upstream job re-runs first, so there: some of those rules, and no other."""
     expected = READERS[key] | {"report"}
     work = linked_copy(smoke_run, tmp_path / "snakemake")
     set_key(work / "config.yaml", key, flipped)
     dry = run([SNAKEMAKE, "-n", *SMOKE], work, 600).stdout
     blocks = re.findall(r"^(?:local)?rule (\w+):\n(.*?)(?=^\S|\Z)", dry, re.MULTILINE | re.DOTALL)
     changed = {rule for rule, body in blocks if "Params have changed" in body}
-    assert changed == expected, dry[-3000:]
+    assert changed and changed <= expected, dry[-3000:]
 
     work = linked_copy(dvc_run, tmp_path / "dvc")
     set_key(work / "config.yaml", key, flipped)
