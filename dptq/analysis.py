@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import checkpoint, data, evaluate
+from . import checkpoint, data, tables
 from .checkpoint import Pair
 from .corruptions import SEEDLESS, corrupt
 from .data import Data
@@ -65,7 +65,7 @@ class Job:
 def highlighted_pairs(job: Job, table1: str | Path, pairs: Sequence[str | Path]) -> dict[str, Pair]:
     """The robust and detrimental pairs of the highlighted cell of ``table1`` (one arch's CSV),
     found among the checkpoints ``pairs`` by the cell each was trained for."""
-    table = evaluate.read_table(table1)
+    table = tables.read_table(table1)
     rows = table[table["highlighted"].astype(bool)]
     cells = set(zip(rows["version"], rows["budget"]))
     if len(cells) != 1 or set(rows["mode"]) != set(MODES):
@@ -384,7 +384,7 @@ def remedy(job: Job, table1: str | Path, layer_scan: str | Path, pairs: Sequence
     arch = loaded["robust"].arch
     nets = {m: p.quant for m, p in loaded.items()}
     if network is not None:
-        nets["white_box"] = checkpoint.white_box(network, job.rt, job.data.image_size, job.quant)
+        nets["white_box"] = checkpoint.white_box(network, job.rt, job.data.image_size, job.quant, arch)
     loader = _test_loader(job)
     fp_run = functools.partial(_fp_batch, list(nets.values()))
     fp_acc = dict(zip(nets, accuracies(loader, job, fp_run, desc=f"{arch} remedy (FP)").tolist()))

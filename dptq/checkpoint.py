@@ -113,15 +113,16 @@ def quantizer(model: torch.nn.Module, rt, image_size: int, *, weight_bits: int, 
                         image_size=image_size)
 
 
-def white_box(path: str | Path, rt, image_size: int, quant: Mapping) -> DynamicQuant:
-    """The distilled network W of ``path``, ready for quantized runs."""
-    ckpt = load(path, kind="distill", recover="re-run the distill job that writes it")
+def white_box(path: str | Path, rt, image_size: int, quant: Mapping, arch: str | None = None) -> DynamicQuant:
+    """The distilled network W of ``path`` (checked to be ``arch``'s when given), ready for quantized runs."""
+    ckpt = load(path, kind="distill", arch=arch, recover="re-run the distill job that writes it")
     return quantizer(network(ckpt), rt, image_size, **quant)
 
 
-def pair(path: str | Path, rt, image_size: int, quant: Mapping) -> Pair:
-    """The network-policy pair of ``path``, its cell read from the checkpoint itself."""
-    ckpt = load(path, kind="pair", recover="re-run the pair job that writes it")
+def pair(path: str | Path, rt, image_size: int, quant: Mapping, arch: str | None = None) -> Pair:
+    """The network-policy pair of ``path`` (checked to be ``arch``'s when given), its cell read from
+    the checkpoint itself."""
+    ckpt = load(path, kind="pair", arch=arch, recover="re-run the pair job that writes it")
     cell = dict(ckpt["cell"])
     policy = rt.to_device(policy_of(ckpt), image_size).eval()
     return Pair(ckpt["arch"], quantizer(network(ckpt), rt, image_size, **quant), policy, list(cell["options"]),

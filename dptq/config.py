@@ -177,7 +177,7 @@ def section_for(cfg: Mapping, section: str, arch: str | None) -> dict:
     """``cfg[section]`` with every per-arch key of :data:`PER_ARCH` resolved for ``arch``."""
     out = dict(cfg[section])
     for key in PER_ARCH.get(section, ()):
-        if key in out and isinstance(out[key], Mapping):
+        if isinstance(out[key], Mapping):
             out[key] = out[key][arch]
     return out
 

@@ -1,19 +1,17 @@
 """Evaluation (paper Sect. 4): accuracy at full precision and quantized with a policy's bits.
 
-Table 1 (every pair's FP accuracy and Δ = Q - FP, the highlighted cell), Table 2 (transitory
-points) and Table 3 (cross-policy) per arch, then merged over archs (docs/method.md §2.12-2.15, §7).
+The inference passes behind Table 1 (every pair's FP accuracy and Δ = Q - FP), Table 2
+(transitory points) and Table 3 (cross-policy) of one seed and arch (docs/method.md §2.12-2.15);
+the tables' own rules (highlight, merge, summary over seeds) are in :mod:`dptq.tables`.
 """
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
-from scipy import stats
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -23,15 +21,7 @@ from .data import Data
 from .policy import RandomPolicy, allocate
 from .quant import DynamicQuant
 from .runtime import Runtime
-
-TABLE1_COLUMNS = ["seed", "arch", "version", "budget", "mode", "options", "capacity", "fp_acc", "q_acc", "delta",
-                  "highlighted", "white_box_acc"]
-TABLE2_COLUMNS = ["seed", "arch", "transitory_pct"]
-TABLE3_COLUMNS = ["seed", "arch", "network", "policy", "q_acc", "fp_acc"]
-SUMMARY_COLUMNS = ["arch", "version", "budget", "mode", "options", "capacity", "n_seeds",
-                   *(f"{c}_{s}" for c in ("fp_acc", "q_acc", "delta", "white_box_acc") for s in ("mean", "ci95")),
-                   "highlighted"]
-
+from .tables import TABLE1_COLUMNS, TABLE2_COLUMNS, TABLE3_COLUMNS, budget_order, highlight
 
 @torch.no_grad()
 def predict(quant: DynamicQuant, loader, rt: Runtime, profits: str = "logits", *, policy=None,
@@ -66,76 +56,9 @@ def accuracy(preds: Tensor, labels: Tensor) -> float:
     return 100.0 * (preds == labels).float().mean().item()
 
 
-def budget_order(levels: Mapping[str, float]) -> list[str]:
-    """Budget labels from the lowest level to the highest (given order among equal levels)."""
-    return sorted(levels, key=lambda label: levels[label])
-
-
 def random_policy(num_layers: int, num_options: int, seed: int) -> RandomPolicy:
     """A fresh seeded random policy: every evaluation draws the same profits, whatever ran before."""
     return RandomPolicy(num_layers, num_options, seed=seed)
-
-
-# --- Table 1: the highlight rule -----------------------------------------------------------------
-
-def _ranks(labels: Sequence, order: Sequence | None) -> dict[str, int]:
-    """Rank of each label: its index in ``order`` (if given), else its place in sorted order."""
-    labels = sorted({str(x) for x in labels})
-    order = [str(x) for x in order] if order is not None else labels
-    missing = sorted(set(labels) - set(order))
-    if missing:
-        raise ValueError(f"labels {missing} are missing from the given order {order}")
-    return {label: order.index(label) for label in labels}
-
-
-def cell_summary(table1: pd.DataFrame, max_fp_gap: float) -> pd.DataFrame:
-    """One row per (version, budget) cell that has both a robust and a detrimental pair:
-
-        objective = Δ_R - Δ_D,   fp_gap = |FP_R - FP_D|,   within_gap = fp_gap <= max_fp_gap.
-    """
-    if table1["arch"].nunique() > 1:
-        raise ValueError(f"highlight works on one arch's rows; got archs {sorted(table1['arch'].unique())}")
-    if not {"robust", "detrimental"} <= set(table1["mode"]):
-        raise ValueError(f"table 1 needs robust and detrimental pairs to pick a cell; it has modes "
-                         f"{sorted(table1['mode'].unique())} (pairs.modes must list both)")
-    keyed = table1.assign(version=table1["version"].astype(str), budget=table1["budget"].astype(str))
-    if keyed.duplicated(["version", "budget", "mode"]).any():
-        raise ValueError("table 1 has more than one row for some (version, budget, mode)")
-    wide = keyed.pivot(index=["version", "budget"], columns="mode", values=["fp_acc", "delta"]).dropna()
-    if wide.empty:
-        raise ValueError("table 1 has no (version, budget) cell with both a robust and a detrimental pair")
-    cells = pd.DataFrame({
-        "objective": wide[("delta", "robust")] - wide[("delta", "detrimental")],
-        "fp_gap": (wide[("fp_acc", "robust")] - wide[("fp_acc", "detrimental")]).abs(),
-    }).reset_index()
-    # accuracies are multiples of 100/n computed along different float paths: compare rounded values
-    cells["objective"], cells["fp_gap"] = cells["objective"].round(9), cells["fp_gap"].round(9)
-    cells["within_gap"] = cells["fp_gap"] <= max_fp_gap
-    return cells
-
-
-def highlight(table1: pd.DataFrame, max_fp_gap: float, budget_order: Sequence | None = None,
-              version_order: Sequence | None = None) -> tuple[str, str]:
-    """The highlighted (version, budget) cell of one arch's Table 1.
-
-    Among the cells with |FP_R - FP_D| <= ``max_fp_gap``: the largest Δ_R - Δ_D; ties go to the
-    lower budget, then the earlier version (``budget_order`` / ``version_order``, by default the
-    sorted labels). When no cell meets the gap, the cell with the smallest gap is taken instead
-    (ties: larger Δ_R - Δ_D, lower budget, earlier version) and a ``UserWarning`` says so.
-    """
-    cells = cell_summary(table1, max_fp_gap)
-    cells["budget_rank"] = cells["budget"].map(_ranks(cells["budget"], budget_order))
-    cells["version_rank"] = cells["version"].map(_ranks(cells["version"], version_order))
-    feasible = cells[cells["within_gap"]]
-    if feasible.empty:
-        best = cells.sort_values(["fp_gap", "objective", "budget_rank", "version_rank"],
-                                 ascending=[True, False, True, True]).iloc[0]
-        warnings.warn(f"{table1['arch'].iloc[0]}: no cell has |FP_R - FP_D| <= {max_fp_gap} "
-                      f"(evaluate.highlight_max_fp_gap); highlighting the cell with the smallest gap instead: "
-                      f"{best['version']}-{best['budget']} with a gap of {best['fp_gap']:.2f} points", stacklevel=2)
-    else:
-        best = feasible.sort_values(["objective", "budget_rank", "version_rank"], ascending=[False, True, True]).iloc[0]
-    return str(best["version"]), str(best["budget"])
 
 
 # --- Table 2 and the per-arch evaluation ---------------------------------------------------------
@@ -151,24 +74,23 @@ def transitory_pct(fp_r_correct, fp_d_correct, q_d_correct) -> float:
     return 100.0 * (flags[0] & flags[1] & ~flags[2]).float().mean().item()
 
 
-def evaluate_arch(seed: int, network: str | Path, pairs: Sequence[str | Path], out: Mapping[str, str | Path], *,
+def evaluate_arch(seed: int, arch: str, network: str | Path, pairs: Sequence[str | Path], out: Mapping[str, str | Path], *,
                   dataset: Mapping, runtime: Mapping, quant: Mapping, profits: str, batch_size: int,
                   highlight_max_fp_gap: float, random_policy_seed: int) -> None:
     """Tables 1-3 of one arch and seed into ``out["table1"]``, ``out["table2"]``, ``out["table3"]``.
 
     ``network`` is the distilled white-box checkpoint, ``pairs`` every pair checkpoint of the arch
-    (each knows its cell; Table 1 keeps their order). Every (network, policy) combination is one
+    (each knows its cell; Table 1 keeps their order); all must be ``arch``'s. Every (network, policy) combination is one
     pass over the test set; each network's full-precision predictions are computed once and reused.
     """
     rt, test = Runtime(seed, **runtime), Data(**dataset)
     loader = test.loader(test.build("test"), batch_size, rt)
-    white = checkpoint.white_box(network, rt, test.image_size, quant)
+    white = checkpoint.white_box(network, rt, test.image_size, quant, arch)
     white_fp, labels = predict(white, loader, rt)
     fp, q, loaded, rows, levels = {}, {}, {}, [], {}
-    arch = None
-    for path in tqdm(pairs, desc="table 1", leave=False):
-        pair = checkpoint.pair(path, rt, test.image_size, quant)
-        cell, arch = pair.cell, pair.arch
+    for path in tqdm(pairs, desc=f"{arch}: table 1", leave=False):
+        pair = checkpoint.pair(path, rt, test.image_size, quant, arch)
+        cell = pair.cell
         key = (cell["version"], cell["budget"], cell["mode"])
         levels[cell["budget"]] = cell["level"]
         loaded[key] = pair
@@ -222,54 +144,3 @@ def cross_policy(loader, rt: Runtime, profits: str, labels: Tensor, white: Dynam
             rows.append(dict(network=name, policy=policy_name, q_acc=accuracy(preds, labels),
                              fp_acc=accuracy(fp_preds, labels)))
     return pd.DataFrame(rows)
-
-
-def read_table(path: str | Path) -> pd.DataFrame:
-    """A table CSV with its label columns kept as text (a budget named ``1`` stays ``"1"``)."""
-    return pd.read_csv(path, dtype={"version": str, "budget": str, "options": str})
-
-
-def ci95(values: pd.Series) -> float:
-    """Half-width of the 95 % Student-t interval of the mean: t₀.₉₇₅,ₙ₋₁ · s / √n (s the sample
-    standard deviation); NaN for n = 1, where no interval exists."""
-    n = len(values)
-    if n < 2:
-        return float("nan")
-    return float(stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / np.sqrt(n))
-
-
-def summarize(table1: pd.DataFrame, max_fp_gap: float, budget_levels: Mapping[str, float]) -> pd.DataFrame:
-    """Per (arch, version, budget, mode): ``n_seeds``, mean and :func:`ci95` of fp_acc, q_acc, delta
-    and white_box_acc over the seeds, and the highlighted cell chosen on the means (§2.13)."""
-    keys = ["arch", "version", "budget", "mode", "options", "capacity"]
-    grouped = table1.groupby(keys, sort=False)
-    out = grouped.size().rename("n_seeds").reset_index()
-    for column in ("fp_acc", "q_acc", "delta", "white_box_acc"):
-        out[f"{column}_mean"] = grouped[column].mean().to_numpy()
-        out[f"{column}_ci95"] = grouped[column].agg(ci95).to_numpy()
-    out["highlighted"] = False
-    order = budget_order(budget_levels)
-    for arch, rows in out.groupby("arch", sort=False):
-        means = rows.rename(columns={"fp_acc_mean": "fp_acc", "delta_mean": "delta"})
-        version, budget = highlight(means, max_fp_gap, order, list(dict.fromkeys(rows["version"])))
-        out.loc[rows.index, "highlighted"] = (rows["version"] == version) & (rows["budget"] == budget)
-    return out[SUMMARY_COLUMNS]
-
-
-def merge_tables(table1: Sequence, table2: Sequence, table3: Sequence, out: Mapping[str, str | Path], *,
-                 highlight_max_fp_gap: float, budget_levels: Mapping[str, float]) -> None:
-    """Concatenate the per-(seed, arch) tables into ``out["table1"]``, ``["table2"]``, ``["table3"]``,
-    and write ``out["summary"]`` (:func:`summarize`)."""
-    merged = {}
-    for name, paths, columns in (("table1", table1, TABLE1_COLUMNS), ("table2", table2, TABLE2_COLUMNS),
-                                 ("table3", table3, TABLE3_COLUMNS)):
-        tables = [read_table(p) for p in paths]
-        for path, table in zip(paths, tables):
-            if list(table.columns) != columns:
-                raise ValueError(f"{path}: columns {list(table.columns)}, expected {columns}; "
-                                 "re-run the evaluate job that writes it")
-        merged[name] = pd.concat(tables, ignore_index=True)
-    merged["summary"] = summarize(merged["table1"], highlight_max_fp_gap, budget_levels)
-    for name, table in merged.items():
-        Path(out[name]).parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(out[name], index=False)

@@ -36,7 +36,8 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
-from scipy import stats
+
+from .tables import SUMMARY_COLUMNS, TABLE1_COLUMNS, TABLE2_COLUMNS, TABLE3_COLUMNS, ci95, read_table
 
 # Figure kinds in report order; those of PER_ARCH have one figure per arch, stem "<kind>_<arch>".
 KINDS = ("fig1_table1", "fig2_layer_scan", "fig3_histograms", "fig4_corruptions")
@@ -51,21 +52,15 @@ TITLE_CHAR_EM = 0.6  # mean width of a title character in em (DejaVu Sans, mixed
 # tables start with the training seed; corruptions.csv also has the corruption draw
 # (corruption_seed), which nothing here needs by name: Fig. 4 averages over whatever it is.
 COLUMNS = {
-    "table1": ["seed", "arch", "version", "budget", "mode", "options", "capacity", "fp_acc", "q_acc", "delta",
-               "highlighted", "white_box_acc"],
-    "summary": ["arch", "version", "budget", "mode", "options", "capacity", "n_seeds", "fp_acc_mean", "fp_acc_ci95",
-                "q_acc_mean", "q_acc_ci95", "delta_mean", "delta_ci95", "white_box_acc_mean", "white_box_acc_ci95",
-                "highlighted"],
-    "table2": ["seed", "arch", "transitory_pct"],
-    "table3": ["seed", "arch", "network", "policy", "q_acc", "fp_acc"],
+    "table1": TABLE1_COLUMNS,
+    "summary": SUMMARY_COLUMNS,
+    "table2": TABLE2_COLUMNS,
+    "table3": TABLE3_COLUMNS,
     "layer_scan": ["seed", "arch", "network", "split", "scan", "layer", "relative_depth", "acc"],
     "histograms": ["seed", "arch", "network", "precision", "layer", "bin_left", "bin_right", "density", "sparsity"],
     "corruptions": ["seed", "arch", "network", "precision", "corruption", "degree", "acc"],
     "remedy": ["seed", "arch", "network", "setting", "flagged_layers", "q_acc", "fp_acc"],
 }
-# Label columns stay text: a budget named ``1`` or a single flagged layer ``7`` is a name, not a number.
-LABELS = ("arch", "version", "budget", "mode", "options", "network", "policy", "split", "scan", "precision",
-          "corruption", "setting", "scale_rule", "flagged_layers")
 NETWORKS = {"white_box": "W (white box)", "robust": "R (robust)", "detrimental": "D (detrimental)"}
 PRECISIONS = {"fp": "FP", "q": "Q"}
 COLORS = {"white_box": "#7f7f7f", "robust": "#1f77b4", "detrimental": "#d62728"}
@@ -80,7 +75,7 @@ def _read_one(path: Path, kind: str) -> pd.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; the report needs this {kind} table "
                                 f"(run the pipeline step that writes it first)")
-    df = pd.read_csv(path, dtype=dict.fromkeys(LABELS, str))
+    df = read_table(path)
     missing = [c for c in COLUMNS[kind] if c not in df.columns]
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; a {kind} table has {COLUMNS[kind]}")
@@ -115,16 +110,11 @@ def _by_arch(df: pd.DataFrame, archs: Iterable[str], kind: str, required: bool =
     return {a: groups[a] for a in archs if a in groups}
 
 
-def t_interval(values: pd.Series, level: float = 0.95) -> tuple[float, float]:
-    """Student-t confidence interval of the mean, m ± t_{(1+level)/2, n-1} · s/√n; (m, m) for one value.
-
-    With a handful of seeds a bootstrap interval is far too narrow (3 seeds give 10 resamples).
-    """
-    n, m = len(values), float(values.mean())
-    if n < 2:
-        return m, m
-    half = stats.t.ppf((1 + level) / 2, n - 1) * values.std(ddof=1) / math.sqrt(n)
-    return m - half, m + half
+def t_interval(values: pd.Series) -> tuple[float, float]:
+    """The 95 % Student-t interval of the mean (:func:`dptq.tables.ci95`) as seaborn's errorbar
+    wants it; (m, m) for one value."""
+    m, half = float(values.mean()), ci95(values)
+    return (m, m) if math.isnan(half) else (m - half, m + half)
 
 
 # ---------------------------------------------------------------- names

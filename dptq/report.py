@@ -14,7 +14,7 @@ text for both. A figure of a per-arch kind uses its kind's file with ``{arch}`` 
 Over seeds a cell shows m ± h: the mean m of the n seeds and the half-width of its 95 %
 Student-t interval, h = t_{0.975, n-1} · s/√n (s: the sample standard deviation; m alone for
 n = 1). Table 1's come from ``table1_summary.csv``, Tables 2 and 3 are summarised here with
-:func:`dptq.figures.t_interval`. The paper's numbers (``paper.yaml``) are compared with the means.
+:func:`dptq.tables.ci95`. The paper's numbers (``paper.yaml``) are compared with the means.
 """
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ import pandas as pd
 import yaml
 from pandas.io.formats.style import Styler
 
-from .figures import MAX_HISTOGRAM_LAYERS, NETWORKS, figure_kind, figure_names, read, t_interval
+from .figures import MAX_HISTOGRAM_LAYERS, NETWORKS, figure_kind, figure_names, read
+from .tables import ci95
 
 POLICIES = {"robust": "π_R", "detrimental": "π_D", "random": "random"}
 MODES = ("robust", "detrimental")
@@ -168,8 +169,7 @@ def _pm(mean, half, signed: bool = False) -> str:
 
 def _over_seeds(values: pd.Series) -> tuple[float, float]:
     """Mean and 95 % half-width over seeds (NaN for one seed)."""
-    lo, hi = t_interval(values)
-    return float(values.mean()), (hi - lo) / 2 if len(values) > 1 else math.nan
+    return float(values.mean()), ci95(values)
 
 
 def _numeric(text: str) -> bool:

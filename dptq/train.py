@@ -37,7 +37,6 @@ from . import budgets, checkpoint, models
 from .data import Data, mixup, network_input, batch_order
 from .losses import hinge_loss, kd_loss
 from .policy import BitPolicy, allocate
-from .quant import DynamicQuant
 from .runtime import Runtime
 
 class TrainingError(RuntimeError):
@@ -184,9 +183,8 @@ class PairStage(Stage):
         self.profits = policy["profits"]
         white_box = checkpoint.network(network)
         self.teacher = query_only(copy.deepcopy(white_box), rt, data.image_size)
-        self.student = rt.to_device(white_box, data.image_size)
-        self.quant = DynamicQuant(self.student, weight_bits=quant["weight_bits"], scale_rule=quant["activation_scale"],
-                                  percentile=quant["percentile"], image_size=data.image_size)
+        self.quant = checkpoint.quantizer(white_box, rt, data.image_size, **quant)
+        self.student = self.quant.model
         where = f"arch {self.arch}, version {cell['version']}, budget {cell['budget']}"
         self.options, self.capacity = budgets.cell(self.quant.num_layers, cell["bit_range"], cell["level"],
                                                    cell["offset"], where=where)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.data import Subset
 
-from dptq import analysis, budgets, checkpoint, config, data, evaluate, models
+from dptq import analysis, budgets, checkpoint, config, data, evaluate, models, tables
 from dptq.policy import BitPolicy
 
 torch.set_num_threads(1)
@@ -164,10 +164,10 @@ def run(checkpoints, tmp_path_factory):
     build = data.Data.build
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(data.Data, "build", lambda self, split, randaugment=None: Subset(build(self, split, randaugment), range(16)))
-        tables = {name: root / "tables" / f"{name}.csv" for name in ("table1", "table2", "table3")}
-        evaluate.evaluate_arch(SEED, white, pairs, tables, dataset=cfg["dataset"], runtime=cfg["runtime"],
+        written = {name: root / "tables" / f"{name}.csv" for name in ("table1", "table2", "table3")}
+        evaluate.evaluate_arch(SEED, ARCH, white, pairs, written, dataset=cfg["dataset"], runtime=cfg["runtime"],
                                quant=cfg["quant"], profits=cfg["pairs"]["policy"]["profits"], **cfg["evaluate"])
-        out, a, table1 = root / "analysis", cfg["analysis"], tables["table1"]
+        out, a, table1 = root / "analysis", cfg["analysis"], written["table1"]
         job = start(cfg)
         analysis.layer_scan(job, table1, pairs, out / "layer_scan.csv", max_examples=a["max_examples"], **a["layer_scan"])
         analysis.histograms(job, table1, pairs, out / "histograms.csv", range=a["histogram"]["range"],
@@ -177,7 +177,7 @@ def run(checkpoints, tmp_path_factory):
         analysis.remedy(job, table1=table1, layer_scan=out / "layer_scan.csv", pairs=pairs, network=None,
                         out=out / "remedy_without_white_box.csv", **a["remedy"])
     read = lambda path: pd.read_csv(path, dtype={"version": str, "budget": str, "options": str})  # noqa: E731
-    return cfg, {p.stem: read(p) for p in [*tables.values(), *out.glob("*.csv")]}
+    return cfg, {p.stem: read(p) for p in [*written.values(), *out.glob("*.csv")]}
 
 
 def test_every_csv_starts_with_the_training_seed(run):
@@ -195,7 +195,7 @@ def in_percent(series) -> bool:
 def test_evaluate_arch_tables(run):
     cfg, t = run
     t1, t2, t3 = t["table1"], t["table2"], t["table3"]
-    assert list(t1.columns) == evaluate.TABLE1_COLUMNS
+    assert list(t1.columns) == tables.TABLE1_COLUMNS
     assert len(t1) == 4 and set(t1["options"]) == {"3-10"} and set(t1["capacity"]) == {round(4.0 * N), round(5.5 * N)}
     # the rows in the order of the pair checkpoints given, each labelled with the cell its checkpoint holds
     assert list(zip(t1["budget"], t1["mode"])) == [("B", "robust"), ("B", "detrimental"), ("A", "robust"), ("A", "detrimental")]
@@ -204,8 +204,8 @@ def test_evaluate_arch_tables(run):
     assert (t1["delta"] - (t1["q_acc"] - t1["fp_acc"])).abs().max() < 1e-9
     hl = t1[t1["highlighted"]]
     assert len(hl) == 2 and set(hl["mode"]) == {"robust", "detrimental"} and hl["budget"].nunique() == 1
-    assert list(t2.columns) == evaluate.TABLE2_COLUMNS and 0 <= t2["transitory_pct"].item() <= 100
-    assert list(t3.columns) == evaluate.TABLE3_COLUMNS and len(t3) == 9
+    assert list(t2.columns) == tables.TABLE2_COLUMNS and 0 <= t2["transitory_pct"].item() <= 100
+    assert list(t3.columns) == tables.TABLE3_COLUMNS and len(t3) == 9
     assert set(zip(t3["network"], t3["policy"])) == {(n, p) for n in ("white_box", "robust", "detrimental")
                                                     for p in ("robust", "detrimental", "random")}
     # the own-policy entries of Table 3 are Table 1's highlighted rows

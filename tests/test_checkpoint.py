@@ -1,7 +1,6 @@
 """dptq.checkpoint: atomic writes, safe loads, clear refusals, and pairs and white boxes loaded
 ready to run with the cell they were trained for."""
 import os
-import pickle
 
 import pytest
 import torch

@@ -89,7 +89,10 @@ def set_key(path: Path, key: str, change) -> None:
 
 
 def flipped(value):
-    return (not value) if isinstance(value, bool) else value + 1
+    """Another valid value: a flag negated, a count plus one, a real number 10 % lower."""
+    if isinstance(value, bool):
+        return not value
+    return value + 1 if isinstance(value, int) else value * 0.9
 
 
 def digests(root: Path, paths) -> dict[str, str]:

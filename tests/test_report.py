@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from dptq import config, figures, report
+from dptq import config, figures, report, tables
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = ROOT / "workflow" / "report"
@@ -381,11 +381,9 @@ def test_paper_reference_matches_the_paper():
 
 def test_columns_match_the_writers():
     """The report reads what evaluate and analysis write (imports torch: a few seconds)."""
-    from dptq import analysis, evaluate
+    from dptq import analysis
 
-    if "seed" not in evaluate.TABLE1_COLUMNS:
-        pytest.skip("dptq.evaluate does not write the seed column yet")
-    written = {"table1": evaluate.TABLE1_COLUMNS, "table2": evaluate.TABLE2_COLUMNS, "table3": evaluate.TABLE3_COLUMNS,
+    written = {"table1": tables.TABLE1_COLUMNS, "table2": tables.TABLE2_COLUMNS, "table3": tables.TABLE3_COLUMNS,
                "layer_scan": analysis.LAYER_SCAN_COLUMNS, "histograms": analysis.HISTOGRAM_COLUMNS,
                "corruptions": analysis.CORRUPTION_COLUMNS, "remedy": analysis.REMEDY_COLUMNS}
     for kind, columns in written.items():
