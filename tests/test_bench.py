@@ -74,3 +74,4 @@ def test_scripts_run():
     assert "images/s" in run("input_pipeline.py", "--images", "40", "--workers", "0", "--config", "../config.yaml", "../config/paper.yaml")
     assert "same bits" in run("pair_equivalence.py", "--archs", "resnet18", "--size", "16", "--batch", "2")
     assert "77" in run("mckp.py", "--repeats", "1")
+    assert "ms/step" in run("calibrate.py", "--steps", "1", "--batch", "2")
