@@ -37,6 +37,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
+from .claims import EFFECT_COLUMNS
 from .tables import SUMMARY_COLUMNS, TABLE1_COLUMNS, TABLE2_COLUMNS, TABLE3_COLUMNS, ci95, read_table
 
 # Figure kinds in report order; those of PER_ARCH have one figure per arch, stem "<kind>_<arch>".
@@ -56,6 +57,7 @@ COLUMNS = {
     "summary": SUMMARY_COLUMNS,
     "table2": TABLE2_COLUMNS,
     "table3": TABLE3_COLUMNS,
+    "effect": EFFECT_COLUMNS,
     "layer_scan": ["seed", "arch", "network", "split", "scan", "layer", "relative_depth", "acc"],
     "histograms": ["seed", "arch", "network", "precision", "layer", "bin_left", "bin_right", "density", "sparsity"],
     "corruptions": ["seed", "arch", "network", "precision", "corruption", "degree", "acc"],

@@ -7,6 +7,7 @@ timm and torch are imported where a network is built, not at import time: the co
 from __future__ import annotations
 
 import functools
+import pickle
 from importlib import resources
 from pathlib import Path
 
@@ -34,6 +35,10 @@ def known_names() -> tuple[str, ...]:
     return tuple(timm.list_models())
 
 
+class WeightsError(ValueError):
+    """A weights file that does not fit the network it is given for."""
+
+
 def create(arch: str, num_classes: int, pretrained: bool | str = False):
     """A timm model with a fresh ``num_classes`` head.
 
@@ -49,8 +54,15 @@ def create(arch: str, num_classes: int, pretrained: bool | str = False):
             raise FileNotFoundError(
                 f"teacher.pretrained: weights file {path} not found; point it at a timm state dict "
                 f"for {arch} (e.g. the hub's model.safetensors or pytorch_model.bin), or set it to false")
-        return timm.create_model(arch, pretrained=True, num_classes=num_classes,
-                                 pretrained_cfg_overlay=dict(file=str(path.resolve())))
+        try:
+            return timm.create_model(arch, pretrained=True, num_classes=num_classes,
+                                     pretrained_cfg_overlay=dict(file=str(path.resolve())))
+        except (RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as err:
+            # torch's load_state_dict lists every mismatched tensor; its first line says which kind
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise WeightsError(
+                f"teacher.pretrained: {path} does not fit {arch} ({first}); give the weights of a {arch} "
+                f"(a state dict or a timm checkpoint), or set teacher.pretrained to false") from None
     return timm.create_model(arch, pretrained=bool(pretrained), num_classes=num_classes)
 
 

@@ -28,10 +28,24 @@ class BitPolicy(nn.Module):
         self.features = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Linear(chans[-1], num_layers * num_options)
 
+    def start_even(self, options: Sequence[int], capacity: int) -> None:
+        """Start from the most even allocation: a zero head whose bias is :func:`even_profits`, so
+        every image first gets the same bits and learning moves away from there."""
+        with torch.no_grad():
+            self.head.weight.zero_()
+            self.head.bias.copy_(even_profits(self.num_layers, options, capacity).flatten())
+
     def forward(self, images: Tensor) -> Tensor:
         if images.shape[-1] != self.input_size or images.shape[-2] != self.input_size:
             images = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False, antialias=False)
         return self.head(self.features(images)).view(-1, self.num_layers, self.num_options)
+
+
+def even_profits(num_layers: int, options: Sequence[int], capacity: int) -> Tensor:
+    """``[N, K]`` profits P[l, k] = −(o_k − C/N)²: the exact MCKP's answer is the allocation of C bits
+    closest to uniform (the sum of squared deviations from C/N is smallest)."""
+    o = torch.as_tensor(list(options), dtype=torch.float32)
+    return (-(o - capacity / num_layers) ** 2).expand(num_layers, -1).clone()
 
 
 class RandomPolicy:

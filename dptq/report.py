@@ -35,10 +35,12 @@ import yaml
 from pandas.io.formats.style import Styler
 
 from .figures import MAX_HISTOGRAM_LAYERS, NETWORKS, figure_kind, figure_names, read
+from . import claims
 from .tables import ci95
 
 POLICIES = {"robust": "π_R", "detrimental": "π_D", "random": "random"}
 MODES = ("robust", "detrimental")
+TABLES = ("table1", "summary", "table2", "table3", "effect")
 VERSIONS = ["torch", "torchvision", "timm", "numpy", "pandas", "matplotlib", "seaborn", "jinja2", "snakemake", "dvc"]
 TEMPLATES = Path(__file__).with_name("templates")
 # pandas' table template under the page's own table ids (Styler's are random "T_<uuid>").
@@ -123,12 +125,13 @@ def versions() -> dict[str, str]:
 
 # ---------------------------------------------------------------- numbers
 
-def headline(summary_df: pd.DataFrame, table2_df: pd.DataFrame) -> dict:
+def headline(summary_df: pd.DataFrame, table2_df: pd.DataFrame, effect_df: pd.DataFrame) -> dict:
     """metrics.json: per arch, the seed means at the summary's highlighted cell and the seed count.
 
-    ``summary_df`` and ``table2_df`` as :func:`dptq.figures.read` returns them. Flat per arch
-    (for ``dvc metrics show``): white-box accuracy, highlighted cell (None if no cell met the
-    FP gap), R and D FP accuracy, quantized accuracy and Δ there, transitory points (mean over seeds).
+    The frames as :func:`dptq.figures.read` returns them. Flat per arch (for ``dvc metrics
+    show``): white-box accuracy, highlighted cell, R and D FP accuracy, quantized accuracy and Δ
+    there, transitory points (mean over seeds), and the number of seeds on which the highlighted
+    cell meets the effect (``effect_df``, :func:`dptq.claims.effect`).
     """
     transitory = table2_df.groupby("arch", sort=False)["transitory_pct"].mean()
     out = {}
@@ -140,6 +143,8 @@ def headline(summary_df: pd.DataFrame, table2_df: pd.DataFrame) -> dict:
             for col in ("fp_acc", "q_acc", "delta"):
                 entry[f"{mode}_{col}"] = float(hl.at[mode, f"{col}_mean"]) if mode in hl.index else None
         entry["transitory_pct"] = float(transitory[arch]) if arch in transitory.index else None
+        met = effect_df[(effect_df["arch"] == arch) & effect_df["highlighted"]]["meets"]
+        entry["seeds_meeting_effect"] = int(met.sum())
         out[arch] = entry
     return out
 
@@ -282,30 +287,56 @@ def _reference_html(metrics: Mapping, t3: pd.DataFrame, ref: Mapping) -> str:
     return _html(pd.DataFrame(columns, index=quantities), "reference", index=True)
 
 
+def _effect_html(effect: pd.DataFrame) -> str:
+    """Per arch: the cell highlighted on the means, whether it meets the effect on each seed, and
+    per seed how many of the arch's cells meet it."""
+    rows = []
+    for arch, sub in effect.groupby("arch", sort=False):
+        chosen = sub[sub["highlighted"]]
+        row = {"arch": arch, "highlighted cell": chosen["cell"].iloc[0] if len(chosen) else "–"}
+        for seed, cells in sub.groupby("seed", sort=False):
+            at = chosen[chosen["seed"] == seed]
+            row[f"seed {seed}: meets at the cell"] = bool(at["meets"].iloc[0]) if len(at) else None
+            row[f"seed {seed}: cells meeting"] = f"{int(cells['meets'].sum())} of {len(cells)}"
+        row["seeds meeting"] = f"{int(chosen['meets'].sum())} of {chosen['seed'].nunique()}"
+        rows.append(row)
+    return _html(pd.DataFrame(rows), "effect")
+
+
+def _claims_html(effect: pd.DataFrame, t3: pd.DataFrame, scan: pd.DataFrame, thresholds: Mapping) -> dict[str, str]:
+    """The three per-seed claim tables of the report's claims section."""
+    at_cell = effect[effect["highlighted"]].drop(columns=["highlighted", "cell"])
+    return {"effect": _effect_html(effect),
+            "effect_rows": _html(at_cell, "effect-rows", signed=["robust_delta", "detrimental_delta"]),
+            "cross_policy": _html(claims.cross_policy(t3, **thresholds), "cross-policy"),
+            "depth": _html(claims.failure_depth(scan), "failure-depth")}
+
+
 # ---------------------------------------------------------------- the page
 
-def build(tables: Mapping, remedy, figures_dir, captions_dir, benchmarks_dir, config: Mapping, html_path,
+def build(tables: Mapping, remedy, layer_scan, figures_dir, captions_dir, benchmarks_dir, config: Mapping, html_path,
           metrics_path) -> None:
     """Write the self-contained report page and the headline metrics JSON.
 
-    ``tables``: paths under the keys ``table1``, ``summary``, ``table2``, ``table3``; ``remedy``:
-    the remedy.csv paths (one per seed and arch); ``captions_dir``: the folder of the caption
+    ``tables``: paths under the keys ``table1``, ``summary``, ``table2``, ``table3``, ``effect``;
+    ``remedy`` and ``layer_scan``: the remedy.csv and layer_scan.csv paths (one per seed and arch);
+    ``captions_dir``: the folder of the caption
     ``.rst`` files; ``config``: the merged config, shown whole (and the few values the text
     quotes). Reads every input before writing anything, so a missing one fails with its name
     and leaves no half-written report.
     """
-    missing = [k for k in ("table1", "summary", "table2", "table3") if k not in tables]
+    missing = [k for k in TABLES if k not in tables]
     if missing:
-        raise KeyError(f"tables: no path for {missing}; give table1, summary, table2 and table3")
+        raise KeyError(f"tables: no path for {missing}; give {', '.join(TABLES)}")
     t1, summary = read(tables["table1"], "table1"), read(tables["summary"], "summary")
     t2, t3 = read(tables["table2"], "table2"), read(tables["table3"], "table3")
-    rem = read(remedy, "remedy")
+    effect, scan, rem = read(tables["effect"], "effect"), read(layer_scan, "layer_scan"), read(remedy, "remedy")
     archs, histogram_archs = list(config["kd"]["archs"]), list(config["analysis"]["histogram"]["archs"])
     names = figure_names(archs, histogram_archs)
     images = {name: _image(Path(figures_dir), name, captions_dir) for name in names}
-    captions = {name: caption(captions_dir, name) for name in ("table1", "table1_summary", "table2", "table3")}
+    captions = {name: caption(captions_dir, name) for name in ("table1", "table1_summary", "table2", "table3", "effect")}
     times = runtimes(benchmarks_dir)
-    metrics = headline(summary, t2)
+    metrics = headline(summary, t2, effect)
     ref = paper()
 
     page = _PAGE.get_template("report.html.j2").render(
@@ -319,6 +350,7 @@ def build(tables: Mapping, remedy, figures_dir, captions_dir, benchmarks_dir, co
         table1_summary=_rows_html(summary, "table1-summary", "delta_mean"),
         table1_tidy=_rows_html(t1, "table1-tidy", "delta"),
         table2=_table2_html(t2), table3=_table3_html(t3),
+        claims=_claims_html(effect, t3, scan, config["evaluate"]["effect"]),
         remedy=_html(rem.assign(delta=rem["q_acc"] - rem["fp_acc"]), "remedy", signed=["delta"]),
         runtimes=_html(times, "runtimes") if len(times) else None,
         versions=_html(pd.DataFrame(list(versions().items()), columns=["package", "version"]), "versions"))

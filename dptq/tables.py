@@ -14,13 +14,15 @@ from pathlib import Path
 import pandas as pd
 from scipy import stats
 
+from . import claims
+
 TABLE1_COLUMNS = ["seed", "arch", "version", "budget", "mode", "options", "capacity", "fp_acc", "q_acc", "delta",
                   "highlighted", "white_box_acc"]
 TABLE2_COLUMNS = ["seed", "arch", "transitory_pct"]
 TABLE3_COLUMNS = ["seed", "arch", "network", "policy", "q_acc", "fp_acc"]
 SUMMARY_COLUMNS = ["arch", "version", "budget", "mode", "options", "capacity", "n_seeds",
                    *(f"{c}_{s}" for c in ("fp_acc", "q_acc", "delta", "white_box_acc") for s in ("mean", "ci95")),
-                   "highlighted"]
+                   "seeds_meeting_effect", "highlighted"]
 
 
 # Label columns stay text: a budget named ``1`` or a single flagged layer ``7`` is a name, not a number.
@@ -110,15 +112,20 @@ def ci95(values: pd.Series, level: float = 0.95) -> float:
     return float(stats.t.ppf((1 + level) / 2, n - 1) * values.std(ddof=1) / math.sqrt(n))
 
 
-def summarize(table1: pd.DataFrame, max_fp_gap: float, budget_levels: Mapping[str, float]) -> pd.DataFrame:
+def summarize(table1: pd.DataFrame, max_fp_gap: float, budget_levels: Mapping[str, float],
+              effect: pd.DataFrame) -> pd.DataFrame:
     """Per (arch, version, budget, mode): ``n_seeds``, mean and :func:`ci95` of fp_acc, q_acc, delta
-    and white_box_acc over the seeds, and the highlighted cell chosen on the means (§2.13)."""
+    and white_box_acc over the seeds, how many seeds' cells meet the effect (``effect``:
+    :func:`dptq.claims.effect`), and the highlighted cell chosen on the means (§2.13)."""
     keys = ["arch", "version", "budget", "mode", "options", "capacity"]
     grouped = table1.groupby(keys, sort=False)
     out = grouped.size().rename("n_seeds").reset_index()
     for column in ("fp_acc", "q_acc", "delta", "white_box_acc"):
         out[f"{column}_mean"] = grouped[column].mean().to_numpy()
         out[f"{column}_ci95"] = grouped[column].agg(ci95).to_numpy()
+    meeting = effect.groupby(["arch", "version", "budget"])["meets"].sum()
+    out["seeds_meeting_effect"] = [int(meeting.get((a, v, b), 0)) for a, v, b in
+                                   zip(out["arch"], out["version"], out["budget"])]
     out["highlighted"] = False
     order = budget_order(budget_levels)
     for arch, rows in out.groupby("arch", sort=False):
@@ -129,9 +136,10 @@ def summarize(table1: pd.DataFrame, max_fp_gap: float, budget_levels: Mapping[st
 
 
 def merge_tables(table1: Sequence, table2: Sequence, table3: Sequence, out: Mapping[str, str | Path], *,
-                 highlight_max_fp_gap: float, budget_levels: Mapping[str, float]) -> None:
-    """Concatenate the per-(seed, arch) tables into ``out["table1"]``, ``["table2"]``, ``["table3"]``,
-    and write ``out["summary"]`` (:func:`summarize`)."""
+                 highlight_max_fp_gap: float, budget_levels: Mapping[str, float], effect: Mapping) -> None:
+    """Concatenate the per-(seed, arch) tables into ``out["table1"]``, ``["table2"]``, ``["table3"]``;
+    write ``out["effect"]`` (:func:`dptq.claims.effect` with the thresholds ``effect``, the cell
+    highlighted on the means marked) and ``out["summary"]`` (:func:`summarize`)."""
     merged = {}
     for name, paths, columns in (("table1", table1, TABLE1_COLUMNS), ("table2", table2, TABLE2_COLUMNS),
                                  ("table3", table3, TABLE3_COLUMNS)):
@@ -141,7 +149,12 @@ def merge_tables(table1: Sequence, table2: Sequence, table3: Sequence, out: Mapp
                 raise ValueError(f"{path}: columns {list(table.columns)}, expected {columns}; "
                                  "re-run the evaluate job that writes it")
         merged[name] = pd.concat(tables, ignore_index=True)
-    merged["summary"] = summarize(merged["table1"], highlight_max_fp_gap, budget_levels)
+    cells = claims.effect(merged["table1"], **effect)
+    merged["summary"] = summarize(merged["table1"], highlight_max_fp_gap, budget_levels, cells)
+    chosen = merged["summary"].loc[merged["summary"]["highlighted"], ["arch", "version", "budget"]].drop_duplicates()
+    cells["highlighted"] = pd.MultiIndex.from_frame(cells[["arch", "version", "budget"]]).isin(
+        pd.MultiIndex.from_frame(chosen))
+    merged["effect"] = cells
     for name, table in merged.items():
         Path(out[name]).parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(out[name], index=False)

@@ -96,6 +96,10 @@ class Stage:
     def modules(self) -> dict[str, nn.Module]:
         raise NotImplementedError
 
+    def param_groups(self) -> list[dict]:
+        """The optimiser's parameter groups: one, at the recipe's lr."""
+        return [{"params": [p for m in self.modules().values() for p in m.parameters() if p.requires_grad]}]
+
     def train_mode(self) -> None:
         for module in self.modules().values():
             module.train()
@@ -180,7 +184,7 @@ class PairStage(Stage):
         super().__init__(recipe, data, rt)
         self.arch, self.mode, self.num_classes = network["arch"], cell["mode"], network["num_classes"]
         self.margin, self.alpha, self.beta, self.temperature = margin, alpha, beta, temperature
-        self.profits = policy["profits"]
+        self.profits, self.policy_lr = policy["profits"], policy["lr"]
         white_box = checkpoint.network(network)
         self.teacher = query_only(copy.deepcopy(white_box), rt, data.image_size)
         self.quant = checkpoint.quantizer(white_box, rt, data.image_size, **quant)
@@ -188,8 +192,10 @@ class PairStage(Stage):
         where = f"arch {self.arch}, version {cell['version']}, budget {cell['budget']}"
         self.options, self.capacity = budgets.cell(self.quant.num_layers, cell["bit_range"], cell["level"],
                                                    cell["offset"], where=where)
-        self.policy = rt.to_device(BitPolicy(self.quant.num_layers, len(self.options), policy["input_size"],
-                                             policy["width"]), data.image_size)
+        self.policy = BitPolicy(self.quant.num_layers, len(self.options), policy["input_size"], policy["width"])
+        if policy["start"] == "even":
+            self.policy.start_even(self.options, self.capacity)
+        self.policy = rt.to_device(self.policy, data.image_size)
         # the level orders the budgets for the highlight rule's tie-break, without the config
         self.cell = dict(version=cell["version"], budget=cell["budget"], mode=cell["mode"], options=self.options,
                          capacity=self.capacity, level=cell["level"], num_layers=self.quant.num_layers,
@@ -197,6 +203,13 @@ class PairStage(Stage):
 
     def modules(self):
         return {"model": self.student, "policy": self.policy}
+
+    def param_groups(self):
+        """The student at the recipe's lr, the policy at ``pairs.policy.lr`` (null: the same); the
+        schedule scales both alike."""
+        group = lambda module, **lr: {"params": [p for p in module.parameters() if p.requires_grad], **lr}  # noqa: E731
+        policy_lr = {} if self.policy_lr is None else {"lr": self.policy_lr}
+        return [group(self.student), group(self.policy, **policy_lr)]
 
     def train_mode(self):
         """BatchNorm keeps W's running statistics (eval mode; its affine weights still train)."""
@@ -306,8 +319,9 @@ class _Run:
 
     def __init__(self, stage: Stage, steps_per_epoch: int):
         recipe = stage.recipe
-        self.params = [p for m in stage.modules().values() for p in m.parameters() if p.requires_grad]
-        self.optimizer = recipe.optimizer_for(self.params)
+        groups = stage.param_groups()
+        self.params = [p for group in groups for p in group["params"]]
+        self.optimizer = recipe.optimizer_for(groups)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(
             lr_factor, total=recipe.epochs * steps_per_epoch, warmup=round(recipe.warmup_epochs * steps_per_epoch),
             floor=recipe.min_lr / recipe.lr))

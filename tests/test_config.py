@@ -31,6 +31,8 @@ def test_per_arch_settings_resolve_for_the_arch():
     assert config.section_for(cfg, "kd", "mobilenetv4_conv_medium") == {"batch_size": 64, "epochs": 3}
     assert config.section_for(cfg, "pairs", "resnet18") == {"lr": 0.03}
     assert config.section_for(cfg, "teacher", None) == cfg["teacher"]  # no per-arch keys there
+    per_epoch = {"kd": {"epochs": {"resnet18": 20, "regnetx_016": 40}, "batch_size": 64}}
+    assert config.section_for(per_epoch, "kd", "regnetx_016") == {"epochs": 40, "batch_size": 64}
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

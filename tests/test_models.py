@@ -39,3 +39,21 @@ def test_the_config_check_imports_neither_timm_nor_torch():
             "print(sorted({'timm', 'torch'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_teacher_weights_for_another_arch_or_no_state_dict_fail_in_one_line(tmp_path):
+    """teacher.pretrained as a new user gets it wrong: a resnet18 state dict for the resnet50
+    teacher, or a file that is no state dict at all."""
+    import torch
+
+    wrong = tmp_path / "resnet18.pth"
+    torch.save(models.create("resnet18", 10).state_dict(), wrong)
+    with pytest.raises(models.WeightsError, match=r"teacher.pretrained: .*resnet18.pth does not fit resnet50 .*set "
+                                                  r"teacher.pretrained to false") as refused:
+        models.create("resnet50", 10, str(wrong))
+    assert "\n" not in str(refused.value)
+    junk = tmp_path / "notes.txt"
+    junk.write_text("not a state dict\n")
+    with pytest.raises(models.WeightsError, match="notes.txt does not fit resnet18"):
+        models.create("resnet18", 10, str(junk))
+    assert models.create("resnet18", 10, str(wrong)).fc.out_features == 10  # the right file loads

@@ -1,4 +1,5 @@
 """dptq.policy: shapes, budget met exactly, seeded random policy, gradient into the policy."""
+import pytest
 import torch
 
 from dptq import mckp
@@ -38,3 +39,23 @@ def test_softmax_profits_pick_the_same_as_mckp_on_softmax():
     logits = torch.randn(4, 20, 7)
     chosen = mckp.solve(profits_of(logits, "softmax"), OPTIONS, 130)
     assert torch.equal(chosen, mckp.solve(logits.softmax(-1), OPTIONS, 130))
+
+
+def test_even_start_gives_every_image_the_most_even_allocation():
+    """Against brute force: every allocation of C bits over N layers, the smallest sum of squared
+    deviations from C/N; the policy's first allocation has it, for every image."""
+    import itertools
+
+    from dptq.policy import even_profits
+    for n, options, capacity in ((4, [3, 4, 5, 6], 17), (5, [3, 4, 5, 6, 7], 24), (3, [5, 6, 7], 15)):
+        best = min(sum((o - capacity / n) ** 2 for o in a)
+                   for a in itertools.product(options, repeat=n) if sum(a) == capacity)
+        policy = BitPolicy(n, len(options), input_size=16, width=4)
+        policy.start_even(options, capacity)
+        assert torch.equal(policy(torch.randn(3, 3, 16, 16)), even_profits(n, options, capacity).expand(3, -1, -1))
+        bits = allocate(policy, torch.randn(6, 3, 16, 16), options, capacity)
+        assert torch.all(bits.sum(1) == capacity) and len({tuple(row) for row in bits.tolist()}) == 1
+        assert ((bits[0] - capacity / n) ** 2).sum().item() == pytest.approx(best)
+    # the default start is not even: images get different allocations
+    bits = allocate(BitPolicy(20, 7, input_size=16, width=8), torch.randn(6, 3, 16, 16), OPTIONS, 130)
+    assert len({tuple(row) for row in bits.tolist()}) > 1

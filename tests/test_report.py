@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from dptq import config, figures, report, tables
+from dptq import claims, config, figures, report, tables
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = ROOT / "workflow" / "report"
@@ -72,6 +72,13 @@ def summarise(t1):
              for name, f in (("mean", "mean"), ("ci95", half_width))}
     out = t1.groupby(["arch", "version", "budget", "mode", "options", "capacity"], sort=False).agg(
         n_seeds=("seed", "size"), **stats).reset_index()
+    return out.assign(seeds_meeting_effect=1,
+                      highlighted=[(v, b) == SUMMARY_CELL for v, b in zip(out["version"], out["budget"])])
+
+
+def effect_table(t1, cfg):
+    """effect.csv from table1.csv, SUMMARY_CELL highlighted."""
+    out = claims.effect(t1, **cfg["evaluate"]["effect"])
     return out.assign(highlighted=[(v, b) == SUMMARY_CELL for v, b in zip(out["version"], out["budget"])])
 
 
@@ -131,12 +138,14 @@ def write_inputs(root: Path, layers=LAYERS, histogram_archs=HISTOGRAM_ARCHS, see
     tables_dir = root / "results/tables"
     tables_dir.mkdir(parents=True)
     paths = {"tables": {k: tables_dir / f"{n}.csv" for k, n in
-                        (("table1", "table1"), ("summary", "table1_summary"), ("table2", "table2"), ("table3", "table3"))},
+                        (("table1", "table1"), ("summary", "table1_summary"), ("table2", "table2"), ("table3", "table3"),
+                         ("effect", "effect"))},
              "layer_scan": [], "histograms": [], "corruptions": [], "remedy": [],
              "figures": root / "results/figures", "benchmarks": root / "benchmarks"}
     t1 = _table1(layers, seeds, rng)
     t1.to_csv(paths["tables"]["table1"], index=False)
     summarise(t1).to_csv(paths["tables"]["summary"], index=False)
+    effect_table(t1, make_config(layers, histogram_archs)).to_csv(paths["tables"]["effect"], index=False)
     pd.DataFrame([dict(seed=s, arch=a, transitory_pct=transitory(a, s)) for s in seeds for a in layers]
                  ).to_csv(paths["tables"]["table2"], index=False)
     pd.DataFrame([dict(seed=s, arch=a, network=net, policy=pol, q_acc=90 + rng.random(), fp_acc=95.0 - s)
@@ -167,7 +176,7 @@ def draw(paths: dict) -> list[Path]:
 
 def build(paths: dict, cfg: dict, root: Path) -> None:
     paths["html"], paths["metrics"] = root / "results/report.html", root / "results/metrics.json"
-    report.build(paths["tables"], paths["remedy"], paths["figures"], CAPTIONS, paths["benchmarks"], cfg,
+    report.build(paths["tables"], paths["remedy"], paths["layer_scan"], paths["figures"], CAPTIONS, paths["benchmarks"], cfg,
                  paths["html"], paths["metrics"])
 
 
@@ -302,11 +311,30 @@ def test_metrics_json(built):
         assert {"robust_fp_acc", "robust_q_acc", "robust_delta", "detrimental_q_acc"} <= set(m)
         assert all(isinstance(v, (int, float, str)) for v in m.values())  # flat for `dvc metrics show`
         assert m["transitory_pct"] == pytest.approx(np.mean([transitory(arch, s) for s in range(3)]))
+        effect = pd.read_csv(built["tables"]["effect"])
+        assert m["seeds_meeting_effect"] == effect[(effect.arch == arch) & effect.highlighted]["meets"].sum()
+
+
+def test_claims_section_states_each_seed(built):
+    """The claims section: per arch the highlighted cell and each seed's verdict, the cross-policy
+    checks and D's most costly layers, with the numbers of the inputs."""
+    html = built["html"].read_text()
+    section = html[html.index('id="s-claims"'):html.index('id="s-table1"')]
+    effect = pd.read_csv(built["tables"]["effect"])
+    for arch in LAYERS:
+        at = effect[(effect.arch == arch) & effect.highlighted]
+        assert f"{int(at['meets'].sum())} of 3" in section
+    for table_id in ("effect", "effect-rows", "cross-policy", "failure-depth"):
+        assert f'id="{table_id}"' in section
+    # the synthetic single-layer scan is lowest at mid-depth: resnet18's layer 10 of 20 comes first
+    depth = section[section.index('id="failure-depth"'):]
+    assert '<td class="data row0 col3 n" >10</td>' in depth and "collapse_needs_both" in section
 
 
 def test_headline_without_a_highlighted_cell(built):
     summary = figures.read(built["tables"]["summary"], "summary").assign(highlighted=False)
-    entry = report.headline(summary, figures.read(built["tables"]["table2"], "table2"))["resnet18"]
+    effect = figures.read(built["tables"]["effect"], "effect").assign(highlighted=False)
+    entry = report.headline(summary, figures.read(built["tables"]["table2"], "table2"), effect)["resnet18"]
     assert entry["highlighted"] is None and entry["robust_delta"] is None and entry["white_box_acc"] == pytest.approx(96.6)
 
 
@@ -337,7 +365,7 @@ def test_build_needs_the_figures_and_leaves_nothing(tmp_path):
 
 def test_build_names_a_missing_table(tmp_path):
     with pytest.raises(KeyError, match="summary"):
-        report.build({"table1": "t1.csv", "table2": "t2.csv", "table3": "t3.csv"}, [], tmp_path, CAPTIONS, tmp_path,
+        report.build({"table1": "t1.csv", "table2": "t2.csv", "table3": "t3.csv"}, [], [], tmp_path, CAPTIONS, tmp_path,
                      make_config(), tmp_path / "r.html", tmp_path / "m.json")
 
 

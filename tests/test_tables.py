@@ -6,7 +6,7 @@ import warnings
 import pandas as pd
 import pytest
 
-from dptq import tables
+from dptq import claims, tables
 
 def table(cells: dict, arch: str = "rn", seed: int = 0) -> pd.DataFrame:
     """Table 1 rows from {(version, budget): (fp_R, delta_R, fp_D, delta_D)}."""
@@ -77,6 +77,12 @@ def test_ci95_is_the_student_t_half_width():
 
 
 LEVELS = {"B": 5.5, "A": 4.0}
+EFFECT = dict(min_detrimental_drop=20.0, max_robust_drop=3.0, max_fp_gap=2.0, max_white_box_gap=3.0,
+              min_white_box_acc=90.0, max_cross_policy_drop=5.0)
+
+
+def summarize(t1, max_fp_gap=1.0):
+    return tables.summarize(t1, max_fp_gap, LEVELS, claims.effect(t1, **EFFECT))
 
 
 def full_table1(cells: dict, arch: str = "rn", seed: int = 0, white_box_acc: float = 90.0) -> pd.DataFrame:
@@ -98,7 +104,7 @@ def three_seeds(arch: str = "rn") -> pd.DataFrame:
 def test_summary_over_three_seeds_highlights_on_the_means():
     t1 = three_seeds()
     assert tables.highlight(t1[t1["seed"] == 0], 1.0, ["A", "B"]) == ("I", "A")
-    summary = tables.summarize(t1, 1.0, LEVELS)
+    summary = summarize(t1)
     assert list(summary.columns) == tables.SUMMARY_COLUMNS and len(summary) == 4
     assert (summary["n_seeds"] == 3).all()
     row = summary.set_index(["version", "budget", "mode"]).loc[("I", "A", "robust")]
@@ -110,10 +116,14 @@ def test_summary_over_three_seeds_highlights_on_the_means():
     assert detrimental["delta_mean"] == pytest.approx(-35 / 3) and detrimental["fp_acc_ci95"] == 0.0
     highlighted = summary[summary["highlighted"]]
     assert set(zip(highlighted["version"], highlighted["budget"])) == {("II", "B")} and len(highlighted) == 2
+    # only seed 0's I-A meets the effect (D -31 <= -20, R -1, gap 0.5, FP within 2.5 of W = 90, W >= 90)
+    meeting = summary.set_index(["version", "budget", "mode"])["seeds_meeting_effect"]
+    assert meeting.to_dict() == {("I", "A", "robust"): 1, ("I", "A", "detrimental"): 1,
+                                 ("II", "B", "robust"): 0, ("II", "B", "detrimental"): 0}
 
 
 def test_summary_of_one_seed_has_no_interval():
-    summary = tables.summarize(three_seeds().query("seed == 1"), 1.0, LEVELS)
+    summary = summarize(three_seeds().query("seed == 1"))
     assert (summary["n_seeds"] == 1).all() and summary["delta_ci95"].isna().all()
     assert summary.loc[summary["highlighted"], "version"].unique().tolist() == ["II"]
 
@@ -131,9 +141,9 @@ def write_tables(folder, arch, seed=0, t1=None):
 
 def merge(folders, out):
     """merge_tables on the tables of ``folders``, written under ``out``."""
-    names = ("table1", "summary", "table2", "table3")
+    names = ("table1", "summary", "table2", "table3", "effect")
     tables.merge_tables(*([f / f"table{i}.csv" for f in folders] for i in (1, 2, 3)), {n: out / f"{n}.csv" for n in names},
-                          highlight_max_fp_gap=1.0, budget_levels=LEVELS)
+                        highlight_max_fp_gap=1.0, budget_levels=LEVELS, effect=EFFECT)
 
 
 def test_merge_tables(tmp_path):
@@ -168,3 +178,8 @@ def test_merged_summary_highlights_each_arch_on_its_means(tmp_path):
     assert len(summary) == 8 and (summary["n_seeds"] == 3).all()
     for arch, rows in summary.groupby("arch"):
         assert set(zip(rows.loc[rows["highlighted"], "version"], rows.loc[rows["highlighted"], "budget"])) == {("II", "B")}
+    effect = tables.read_table(tmp_path / "all" / "effect.csv")
+    assert list(effect.columns) == claims.EFFECT_COLUMNS and len(effect) == 12  # 2 archs x 3 seeds x 2 cells
+    assert set(zip(effect.loc[effect["highlighted"], "version"], effect.loc[effect["highlighted"], "budget"])) == {("II", "B")}
+    assert effect["highlighted"].sum() == 6
+    assert effect.loc[effect["meets"], ["seed", "version"]].drop_duplicates().values.tolist() == [[0, "I"]]

@@ -8,7 +8,7 @@ import signal
 import pytest
 import torch
 
-from dptq import checkpoint, config, data, train
+from dptq import checkpoint, config, data, policy, train
 from dptq.runtime import Runtime
 
 torch.set_num_threads(1)
@@ -134,6 +134,33 @@ def test_same_seed_same_weights_another_seed_others(cfg, network, tmp_path):
     assert_same_weights(a, pair(cfg, network, tmp_path / "b.pt"))
     other = pair(cfg, network, tmp_path / "c.pt", seed=1)
     assert not all(torch.equal(a["policy"][k], other["policy"][k]) for k in a["policy"])
+
+
+def test_policy_lr_sets_the_policys_group_only(cfg, network, tmp_path):
+    """pairs.policy.lr: null and the pair's own lr give the same pair (two optimiser groups, the
+    same update); another value changes the policy's training."""
+    def with_policy_lr(lr, name):
+        return pair(config.merge(cfg, {"pairs": {"policy": {"lr": lr}}}), network, tmp_path / name)
+    default = with_policy_lr(None, "a.pt")
+    lr = config.section_for(cfg, "pairs", "resnet18")["lr"]
+    assert_same_weights(default, with_policy_lr(lr, "b.pt"))
+    faster = with_policy_lr(10 * lr, "c.pt")
+    assert not all(torch.equal(default["policy"][k], faster["policy"][k]) for k in default["policy"])
+
+
+def test_even_start_trains_from_the_even_allocation(cfg, network, tmp_path, monkeypatch):
+    """pairs.policy.start: even: the policy that enters training is BitPolicy.start_even's."""
+    seen = []
+    real = train.PairStage.__init__
+
+    def spy(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        seen.append((self.policy.head.weight.abs().sum().item(), self.policy.head.bias.detach().clone(),
+                     self.options, self.capacity))
+    monkeypatch.setattr(train.PairStage, "__init__", spy)
+    pair(config.merge(cfg, {"pairs": {"policy": {"start": "even"}}}), network, tmp_path / "even.pt")
+    weight, bias, options, capacity = seen[0]
+    assert weight == 0.0 and torch.equal(bias, policy.even_profits(20, options, capacity).flatten())
 
 
 @pytest.mark.parametrize("how", ["killed", "sigterm"])

@@ -67,6 +67,17 @@ class Keys(dict):
         return " ".join(self)
 
 
+def section_keys(section, grid=()):
+    """Every key of ``config[section]`` but the ``grid`` ones, as dotted paths; a per-arch setting
+    (``dptq.config.PER_ARCH``) as its ``{arch}`` entry."""
+    per_arch = dptq.config.PER_ARCH.get(section, ())
+    return [
+        f"{section}.{k}" + (".{arch}" if k in per_arch else "")
+        for k in config[section]
+        if k not in grid
+    ]
+
+
 def keys(*paths):
     """A ``params`` entry: the declared keys, dotted paths that may name wildcards
     (``pairs.lr.{arch}``: one entry of a per-arch map)."""

@@ -1,5 +1,5 @@
 # kd.archs is the grid (the arch wildcard), not a value the job reads.
-KD_KEYS = ["kd." + k for k in config["kd"] if k not in ("archs", "batch_size")]
+KD_KEYS = section_keys("kd", grid=("archs",))
 
 
 rule distill:
@@ -22,7 +22,6 @@ rule distill:
             "dataset",
             "runtime",
             *KD_KEYS,
-            "kd.batch_size.{arch}",
             "evaluate.batch_size",
         ),
         args=args,

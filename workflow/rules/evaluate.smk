@@ -50,6 +50,11 @@ rule tables:
             caption="../report/table3.rst",
             category="Tables",
         ),
+        effect=report(
+            "results/tables/effect.csv",
+            caption="../report/effect.rst",
+            category="Tables",
+        ),
     log:
         "logs/tables.log",
     benchmark:
@@ -57,7 +62,9 @@ rule tables:
     conda:
         ENV
     params:
-        config_keys=keys("evaluate.highlight_max_fp_gap", "pairs.budgets"),
+        config_keys=keys(
+            "evaluate.highlight_max_fp_gap", "evaluate.effect", "pairs.budgets"
+        ),
         args=args,
     shell:
         job("tables")

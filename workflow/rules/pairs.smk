@@ -1,9 +1,7 @@
 # The grid's own keys (versions, budgets, offsets) enter as this cell's entries only.
-PAIR_KEYS = [
-    "pairs." + k
-    for k in config["pairs"]
-    if k not in ("versions", "budgets", "budget_offset", "modes", "lr")
-]
+PAIR_KEYS = section_keys(
+    "pairs", grid=("versions", "budgets", "budget_offset", "modes")
+)
 
 
 rule pair:
@@ -29,7 +27,6 @@ rule pair:
             "pairs.versions.{version}",
             "pairs.budgets.{budget}",
             "pairs.budget_offset.{version}",
-            "pairs.lr.{arch}",
             *PAIR_KEYS,
             "kd.temperature",
             "evaluate.batch_size",

@@ -43,12 +43,21 @@ rule report:
         summary=rules.tables.output.summary,
         table2=rules.tables.output.table2,
         table3=rules.tables.output.table3,
+        effect=rules.tables.output.effect,
         remedy=per_seed_and_arch(rules.remedy.output.csv),
+        layer_scan=per_seed_and_arch(rules.layer_scan.output.csv),
         figures=rules.figures.output.png,
         captions=expand(
             "workflow/report/{kind}.rst",
             kind=sorted(
-                {*FIGURES.values(), "table1", "table1_summary", "table2", "table3"}
+                {
+                    *FIGURES.values(),
+                    "table1",
+                    "table1_summary",
+                    "table2",
+                    "table3",
+                    "effect",
+                }
             ),
         ),
     output:

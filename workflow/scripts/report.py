@@ -6,8 +6,7 @@ from pathlib import Path
 from _entry import job
 from dptq import report
 
-args, cfg = job(__doc__, files=["table1", "summary", "table2", "table3", "html", "metrics"],
-                lists=["remedy", "figures", "captions"])
-tables = {name: getattr(args, name) for name in ("table1", "summary", "table2", "table3")}
-report.build(tables, args.remedy, figures_dir=Path(args.figures[0]).parent, captions_dir=Path(args.captions[0]).parent,
+args, cfg = job(__doc__, files=[*report.TABLES, "html", "metrics"], lists=["remedy", "layer_scan", "figures", "captions"])
+tables = {name: getattr(args, name) for name in report.TABLES}
+report.build(tables, args.remedy, args.layer_scan, figures_dir=Path(args.figures[0]).parent, captions_dir=Path(args.captions[0]).parent,
              benchmarks_dir="benchmarks", config=cfg.plain(), html_path=args.html, metrics_path=args.metrics)

@@ -3,7 +3,8 @@
 from _entry import job
 from dptq import tables
 
-args, cfg = job(__doc__, files=["table1", "summary", "table2", "table3"],
+args, cfg = job(__doc__, files=["table1", "summary", "table2", "table3", "effect"],
                 lists=["arch_table1", "arch_table2", "arch_table3"])
 tables.merge_tables(args.arch_table1, args.arch_table2, args.arch_table3, vars(args),
-                    highlight_max_fp_gap=cfg["evaluate"]["highlight_max_fp_gap"], budget_levels=cfg["pairs"]["budgets"])
+                    highlight_max_fp_gap=cfg["evaluate"]["highlight_max_fp_gap"], budget_levels=cfg["pairs"]["budgets"],
+                    effect=cfg["evaluate"]["effect"])

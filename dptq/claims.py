@@ -1,0 +1,91 @@
+"""The paper's claims, checked on every seed (docs/method.md §2.20): the effect itself (Table 1),
+that the collapse needs the detrimental network together with its own policy (Table 3), and where
+in depth the failure sits (Fig. 2's single-layer scan).
+
+Thresholds come from the config's ``evaluate.effect``; accuracies are in percent, Δ in points.
+Pure pandas, like :mod:`dptq.tables`.
+"""
+from __future__ import annotations
+
+import pandas as pd
+
+EFFECT_COLUMNS = ["seed", "arch", "version", "budget", "white_box_acc", "robust_fp_acc", "robust_delta",
+                  "detrimental_fp_acc", "detrimental_delta", "fp_gap", "meets", "highlighted"]
+CROSS_POLICY_COLUMNS = ["seed", "arch", "d_own", "d_with_robust_policy", "d_with_random_policy", "w_fp", "w_with_d_policy",
+                        "r_fp", "r_with_d_policy", "collapse_needs_both", "others_hold"]
+DEPTH_COLUMNS = ["seed", "arch", "rank", "layer", "relative_depth", "d_acc", "r_acc"]
+
+
+def _r9(series: pd.Series) -> pd.Series:
+    # accuracies are multiples of 100/n computed along different float paths: compare rounded values
+    return series.round(9)
+
+
+def effect(table1: pd.DataFrame, *, min_detrimental_drop: float, max_robust_drop: float, max_fp_gap: float,
+           max_white_box_gap: float, min_white_box_acc: float, **_cross_policy) -> pd.DataFrame:
+    """Per (seed, arch, version, budget) with both modes, whether the cell shows the effect:
+
+        Δ_D ≤ −min_detrimental_drop,  Δ_R ≥ −max_robust_drop,  |FP_R − FP_D| ≤ max_fp_gap,
+        |FP_R − W| ≤ max_white_box_gap and |FP_D − W| ≤ max_white_box_gap,  W ≥ min_white_box_acc.
+
+    ``highlighted`` is False here; :func:`dptq.tables.merge_tables` marks the cell chosen on the means.
+    """
+    keys = ["seed", "arch", "version", "budget"]
+    wide = table1.pivot_table(index=keys, columns="mode", values=["fp_acc", "delta"], sort=False)
+    wide = wide.dropna()
+    white = table1.groupby(keys, sort=False)["white_box_acc"].first()
+    out = pd.DataFrame({
+        "white_box_acc": white.reindex(wide.index).to_numpy(),
+        "robust_fp_acc": wide[("fp_acc", "robust")].to_numpy(), "robust_delta": wide[("delta", "robust")].to_numpy(),
+        "detrimental_fp_acc": wide[("fp_acc", "detrimental")].to_numpy(),
+        "detrimental_delta": wide[("delta", "detrimental")].to_numpy(),
+    }, index=wide.index).reset_index()
+    out["fp_gap"] = (out["robust_fp_acc"] - out["detrimental_fp_acc"]).abs()
+    w = _r9(out["white_box_acc"])
+    out["meets"] = ((_r9(out["detrimental_delta"]) <= -min_detrimental_drop)
+                    & (_r9(out["robust_delta"]) >= -max_robust_drop)
+                    & (_r9(out["fp_gap"]) <= max_fp_gap)
+                    & (_r9((out["robust_fp_acc"] - out["white_box_acc"]).abs()) <= max_white_box_gap)
+                    & (_r9((out["detrimental_fp_acc"] - out["white_box_acc"]).abs()) <= max_white_box_gap)
+                    & (w >= min_white_box_acc))
+    out["highlighted"] = False
+    return out[EFFECT_COLUMNS]
+
+
+def cross_policy(table3: pd.DataFrame, *, min_detrimental_drop: float, max_cross_policy_drop: float,
+                 **_effect) -> pd.DataFrame:
+    """Per (seed, arch), Table 3's two claims at that seed's highlighted cell:
+
+    - the collapse needs both D and π_D: Q(D, π_D) ≤ Q(D, π_R) − min_detrimental_drop and
+      Q(D, π_D) ≤ Q(D, random) − min_detrimental_drop;
+    - π_D alone does not break the other networks: |Q(W, π_D) − FP(W)| ≤ max_cross_policy_drop and
+      |Q(R, π_D) − FP(R)| ≤ max_cross_policy_drop.
+    """
+    rows = []
+    for (seed, arch), sub in table3.groupby(["seed", "arch"], sort=False):
+        q = sub.set_index(["network", "policy"])["q_acc"]
+        fp = sub.groupby("network")["fp_acc"].first()
+        row = dict(seed=seed, arch=arch, d_own=q[("detrimental", "detrimental")],
+                   d_with_robust_policy=q[("detrimental", "robust")], d_with_random_policy=q[("detrimental", "random")],
+                   w_fp=fp["white_box"], w_with_d_policy=q[("white_box", "detrimental")],
+                   r_fp=fp["robust"], r_with_d_policy=q[("robust", "detrimental")])
+        others = min(row["d_with_robust_policy"], row["d_with_random_policy"])
+        row["collapse_needs_both"] = bool(round(row["d_own"] + min_detrimental_drop, 9) <= round(others, 9))
+        row["others_hold"] = bool(round(abs(row["w_with_d_policy"] - row["w_fp"]), 9) <= max_cross_policy_drop
+                                  and round(abs(row["r_with_d_policy"] - row["r_fp"]), 9) <= max_cross_policy_drop)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=CROSS_POLICY_COLUMNS)
+
+
+def failure_depth(layer_scan: pd.DataFrame, top: int = 3, split: str = "test") -> pd.DataFrame:
+    """Per (seed, arch), the ``top`` layers whose quantization alone costs D the most (the lowest
+    accuracy in the single-layer scan on ``split``; ties: the earlier layer), with R's accuracy when
+    the same layer alone is quantized."""
+    single = layer_scan[(layer_scan["scan"] == "single") & (layer_scan["split"] == split)]
+    rows = []
+    for (seed, arch), sub in single.groupby(["seed", "arch"], sort=False):
+        d = sub[sub["network"] == "detrimental"].sort_values(["acc", "layer"], kind="stable").head(top)
+        r = sub[sub["network"] == "robust"].set_index("layer")["acc"]
+        rows += [dict(seed=seed, arch=arch, rank=rank, layer=int(x.layer), relative_depth=x.relative_depth,
+                      d_acc=x.acc, r_acc=r.get(x.layer, float("nan"))) for rank, x in enumerate(d.itertuples(), 1)]
+    return pd.DataFrame(rows, columns=DEPTH_COLUMNS)
