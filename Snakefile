@@ -14,6 +14,7 @@ include: "workflow/rules/distill.smk"
 include: "workflow/rules/pairs.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/analysis.smk"
+include: "workflow/rules/audit.smk"
 include: "workflow/rules/report.smk"
 
 

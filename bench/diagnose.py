@@ -21,7 +21,7 @@ import argparse
 import torch
 
 from dptq import budgets, checkpoint, config
-from dptq.analysis import _scan_loader, Job
+from dptq.analysis import subset_loader, Job
 from dptq.data import network_input
 from dptq.evaluate import random_policy
 from dptq.policy import allocate
@@ -103,7 +103,7 @@ def main():
     cfg = config.load(args.configfile)
     job = Job.start(0, dataset=cfg["dataset"], runtime=cfg["runtime"], quant=cfg["quant"],
                     profits=cfg["pairs"]["policy"]["profits"], batch_size=cfg["evaluate"]["batch_size"])
-    loader = _scan_loader(job, args.split, args.max_examples)
+    loader = subset_loader(job, args.split, args.max_examples)
     white = checkpoint.white_box(args.network, job.rt, job.data.image_size, job.quant)
     pairs = cfg["pairs"]
     options, capacity = budgets.cell(white.num_layers, pairs["versions"][args.version], pairs["budgets"][args.budget],

@@ -91,19 +91,19 @@ def bits(pair: Pair, x: Tensor, job: Job) -> Tensor:
 
 @torch.no_grad()
 def accuracies(loader, job: Job, run_batch: Callable[[Tensor], Tensor],
-               corrupt_batch: Callable | None = None, desc: str = "") -> Tensor:
+               corrupt_batch: Callable | None = None, desc: str = "", normalize=data.normalize) -> Tensor:
     """Top-1 accuracy in percent of every prediction set that ``run_batch`` makes, over ``loader``.
 
     ``run_batch(x)`` maps one network-input batch to predicted labels ``[S, B]`` (S settings);
     ``corrupt_batch(images, index)``, if given, returns the corrupted [0, 1] batch of loader
-    batch ``index`` and the normalisation to use with it.
+    batch ``index`` and the normalisation to use with it instead of ``normalize``.
     """
     correct, total = torch.zeros((), dtype=torch.float64), 0
     for index, (images, target) in enumerate(tqdm(loader, desc=desc, leave=False)):
-        normalize = data.normalize
+        to_input = normalize
         if corrupt_batch is not None:
-            images, normalize = corrupt_batch(images, index)
-        x = data.network_input(images, job.rt, normalize)
+            images, to_input = corrupt_batch(images, index)
+        x = data.network_input(images, job.rt, to_input)
         with job.rt.autocast():
             preds = run_batch(x)
         correct = correct + (preds.cpu() == target).sum(1)
@@ -121,7 +121,7 @@ def _test_loader(job: Job):
     return job.data.loader(job.data.build("test"), job.batch_size, job.rt)
 
 
-def _scan_loader(job: Job, split: str, max_examples: int):
+def subset_loader(job: Job, split: str, max_examples: int):
     """The split for the costly analyses (N·3 passes per network for the scan, dozens for the
     corruptions): at most ``max_examples`` examples (0: all), a random subset seeded with
     ``dataset.split_seed``."""
@@ -167,7 +167,7 @@ def layer_scan(job: Job, table1: str | Path, pairs: Sequence[str | Path], out: s
         steps = [(kind, layer) for kind in SCANS for layer in range(1, n + 1)]
         run = functools.partial(_scan_batch, pair, [scan_masks(n, kind, layer) for kind, layer in steps], job)
         for split in splits:
-            acc = accuracies(_scan_loader(job, split, max_examples), job, run, desc=f"{pair.arch} {mode} layer scan ({split})")
+            acc = accuracies(subset_loader(job, split, max_examples), job, run, desc=f"{pair.arch} {mode} layer scan ({split})")
             rows += [dict(seed=job.seed, arch=pair.arch, network=mode, split=split, scan=kind, layer=layer,
                           relative_depth=layer / n, acc=a) for (kind, layer), a in zip(steps, acc.tolist())]
     _write(rows, LAYER_SCAN_COLUMNS, out)
@@ -314,7 +314,7 @@ def corruptions(job: Job, table1: str | Path, pairs: Sequence[str | Path], out: 
     """
     loaded = highlighted_pairs(job, table1, pairs)
     arch = loaded["robust"].arch
-    loader = _scan_loader(job, "test", max_examples)
+    loader = subset_loader(job, "test", max_examples)
     precisions = ["fp", "q"] if quantized else ["fp"]
     keys = [(mode, precision) for mode in loaded for precision in precisions]
     run = functools.partial(_robustness_batch, [(loaded[mode], precision) for mode, precision in keys], job)

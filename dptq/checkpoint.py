@@ -64,8 +64,8 @@ def load(path: str | Path, kind: str | None = None, arch: str | None = None, rec
                               f"unpickled ({culprit}); only tensors and plain data are accepted{hint}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: truncated or corrupted checkpoint ({str(err).splitlines()[0]}){hint}") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "kind" not in ckpt:
-        raise CheckpointError(f"{path}: not a dptq checkpoint (no 'kind'/'model' entries){hint}")
+    if not isinstance(ckpt, dict) or "kind" not in ckpt or not {"model", "policy"} & ckpt.keys():
+        raise CheckpointError(f"{path}: not a dptq checkpoint (no 'kind' entry, or neither 'model' nor 'policy' weights){hint}")
     if kind is not None and ckpt["kind"] != kind:
         raise CheckpointError(f"{path}: holds a {ckpt['kind']!r} checkpoint, expected {kind!r}{hint}")
     if arch is not None and ckpt.get("arch") != arch:

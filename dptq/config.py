@@ -152,6 +152,18 @@ def _cross_field_problems(cfg: Mapping):
     if hist["bin_width"] > hist["range"]:
         yield (f"analysis.histogram.bin_width: {hist['bin_width']} is larger than analysis.histogram.range "
                f"({hist['range']}); use a bin width below the range")
+    audit = cfg["audit"]
+    clash = sorted(set(archs) & set(audit["models"])) if audit["pipeline"] else []
+    if clash:
+        yield f"audit.models: {clash} also name pipeline networks (audit.pipeline audits every arch of kd.archs); rename the model(s)"
+    grid = [f"{v}-{b}" for v in pairs["versions"] for b in pairs["budgets"]]
+    unknown = sorted(set(audit["cells"] or ()) - set(grid))
+    if unknown:
+        yield f"audit.cells: {unknown} are not cells of the grid ({', '.join(grid)}); use version-budget, or null for all"
+    for name, spec in audit["models"].items():
+        if not models.exists(spec["arch"]):
+            bad_archs = True
+            yield f"audit.models.{name}.arch: {spec['arch']!r} is not a timm model; see timm.list_models()"
     if bad_archs:  # the rules below need real arch names: the budgets build each arch to count its layers
         return
     for section, keys in PER_ARCH.items():

@@ -67,8 +67,8 @@ def stage_name(job) -> str:
 
 def stage(job, configfiles: Sequence[str], trees: Sequence[Mapping]) -> dict:
     outs = [str(f) for f in job.output]
-    entry = {"cmd": job.shellcmd.strip(),
-             "deps": [f"workflow/scripts/{job.rule.name}.py", *map(str, job.input)]}
+    script = next(word for word in job.shellcmd.split() if word.startswith("workflow/scripts/"))
+    entry = {"cmd": job.shellcmd.strip(), "deps": [script, *map(str, job.input)]}
     params = []
     for path, tree in zip(configfiles, trees):
         found = [param_key(tree, key) for key in job.params.config_keys]

@@ -402,3 +402,34 @@ def draw(table1, summary, layer_scan, histograms, corruptions, figures_dir) -> l
         with _style():
             paths += _save(drawers[name](), Path(figures_dir), name)
     return paths
+
+
+def fig_audit(sensitivity: pd.DataFrame, coupling: pd.DataFrame, model: str) -> Figure:
+    """The audit of one network: each layer's drop when it alone is quantized at the lowest option
+    (the recommended float layers marked), and the batch-mates' mean drop per batch size for each
+    attacker kind in the runtime (95 % t-interval over batches)."""
+    fig, axes = _grid(1, 2, panel=(4.6, 2.6), gap=(0.9, 0.4), left=0.75)
+    ax = axes[0, 0]
+    colors = np.where(sensitivity["keep_float"].astype(bool), COLORS["detrimental"], COLORS["white_box"])
+    ax.bar(sensitivity["layer"], sensitivity["drop"], color=colors, width=0.8)
+    bits = int(sensitivity["bits"].iloc[0])
+    ax.set(xlabel="layer (red: kept in float)", ylabel="accuracy drop (points)", title=f"one layer at {bits} bits")
+    ax = axes[0, 1]
+    served = coupling[coupling["runner"] == "runtime"]
+    drops = served.assign(drop=served["clean_acc"] - served["mates_acc"])
+    sns.lineplot(drops, x="batch_size", y="drop", hue="kind", marker="o", markersize=4, errorbar=t_interval, ax=ax)
+    ax.set_xscale("log", base=2)
+    sizes = sorted(drops["batch_size"].unique())
+    ax.set(xticks=sizes, xticklabels=[str(s) for s in sizes], xlabel="batch size n",
+           ylabel="batch-mates' drop (points)", title="one batch-mate, ONNX Runtime int8")
+    _header(fig, axes, f"{model}: deployment audit")
+    return fig
+
+
+def audit_figure(sensitivity: pd.DataFrame, coupling: pd.DataFrame, model: str, path: str | Path) -> Path:
+    """:func:`fig_audit` written to ``path`` (a PNG)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _style():
+        fig_audit(sensitivity, coupling, model).savefig(path, dpi=PNG_DPI)
+    return path

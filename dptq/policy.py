@@ -28,12 +28,12 @@ class BitPolicy(nn.Module):
         self.features = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Linear(chans[-1], num_layers * num_options)
 
-    def start_even(self, options: Sequence[int], capacity: int) -> None:
-        """Start from the most even allocation: a zero head whose bias is :func:`even_profits`, so
-        every image first gets the same bits and learning moves away from there."""
+    def start_at(self, profits: Tensor) -> None:
+        """Start from one allocation for every image: a zero head whose bias is ``profits`` [N, K]
+        (e.g. :func:`even_profits`), so learning moves away from there."""
         with torch.no_grad():
             self.head.weight.zero_()
-            self.head.bias.copy_(even_profits(self.num_layers, options, capacity).flatten())
+            self.head.bias.copy_(profits.flatten())
 
     def forward(self, images: Tensor) -> Tensor:
         if images.shape[-1] != self.input_size or images.shape[-2] != self.input_size:

@@ -1,5 +1,8 @@
 """Fake quantization (docs/method.md §2.2-2.4): 16-bit symmetric weights, dynamic per-example activations.
 
+The ``batch`` scale rule instead takes one range over the whole batch, as ONNX Runtime's
+``DynamicQuantizeLinear`` does (dptq/coupling.py measures what that costs).
+
 A network runs quantized through :class:`DynamicQuant`, which hooks the inputs of its
 quantizable layers and swaps in fake-quantized weights for one call with
 ``torch.func.functional_call``: no copy of the model per setting, no per-architecture code and
@@ -17,21 +20,16 @@ QUANTIZED_TYPES = (nn.Conv2d, nn.Linear)
 SCALE_FLOOR = 1e-8  # keeps an all-zero (dead ReLU) example finite: s >= floor, zero maps to zero
 
 
-def quantizable_layers(model: nn.Module, image_size: int = 64, device: str | torch.device | None = None) -> list[nn.Module]:
-    """Every Conv2d/Linear of ``model`` in first-execution order, the first one excluded.
-
-    Found by forward hooks on one dry run in eval mode (the first layer sees the raw image, so
-    its input is not quantized).
-    """
-    order: list[nn.Module] = []
-    seen: set[int] = set()
+def execution_order(model: nn.Module, image_size: int = 64, device: str | torch.device | None = None) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every Conv2d/Linear of ``model`` in first-execution order, found by forward
+    hooks on one dry run in eval mode."""
+    names = {id(m): name for name, m in model.named_modules() if isinstance(m, QUANTIZED_TYPES)}
+    order: dict[int, tuple[str, nn.Module]] = {}
 
     def record(module, _args):
-        if id(module) not in seen:
-            seen.add(id(module))
-            order.append(module)
+        order.setdefault(id(module), (names[id(module)], module))
 
-    handles = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, QUANTIZED_TYPES)]
+    handles = [m.register_forward_pre_hook(record) for m in model.modules() if id(m) in names]
     if device is None:
         device = next(model.parameters()).device
     was_training = model.training
@@ -43,7 +41,13 @@ def quantizable_layers(model: nn.Module, image_size: int = 64, device: str | tor
         model.train(was_training)
         for handle in handles:
             handle.remove()
-    return order[1:]
+    return list(order.values())
+
+
+def quantizable_layers(model: nn.Module, image_size: int = 64, device: str | torch.device | None = None) -> list[nn.Module]:
+    """Every Conv2d/Linear of ``model`` in first-execution order, the first one excluded (it sees the
+    raw image, so its input is not quantized)."""
+    return [module for _, module in execution_order(model, image_size, device)[1:]]
 
 
 class _RoundWeight(torch.autograd.Function):
@@ -69,14 +73,20 @@ def fake_quant_weight(w: Tensor, bits: int = 16) -> Tensor:
     return _RoundWeight.apply(w, scale, qmax)
 
 
-def activation_range(x: Tensor, scale_rule: str = "minmax", percentile: float = 99.9) -> tuple[Tensor, Tensor]:
-    """Per-example range [lo, hi] with lo <= 0 <= hi, so that zero is representable.
+def activation_range(x: Tensor, scale_rule: str = "minmax", percentile: float = 99.9,
+                     grad: bool = False) -> tuple[Tensor, Tensor]:
+    """Per-example range [lo, hi] (shape [B]) with lo <= 0 <= hi, so that zero is representable.
 
     ``minmax``: lo = min(x), hi = max(x). ``percentile``: the p-th and (100-p)-th quantiles of each
     example (values outside are clamped by the quantizer), the remedy of the paper's Sect. 4.2.
+    ``batch``: min and max over the whole tensor, batch included, the same for every example
+    (ONNX Runtime's dynamic quantization). The range is detached unless ``grad``.
     """
-    x = x.detach()
-    if scale_rule == "minmax":  # reduce over all but the batch dim: no copy for channels_last
+    if not grad:
+        x = x.detach()
+    if scale_rule == "batch":
+        lo, hi = x.amin().expand(x.shape[0]), x.amax().expand(x.shape[0])
+    elif scale_rule == "minmax":  # reduce over all but the batch dim: no copy for channels_last
         dims = tuple(range(1, x.dim()))
         lo, hi = x.amin(dims), x.amax(dims)
     elif scale_rule == "percentile":
@@ -87,7 +97,7 @@ def activation_range(x: Tensor, scale_rule: str = "minmax", percentile: float = 
         hi = flat.kthvalue(k_hi, dim=1).values
         lo = flat.kthvalue(k_lo, dim=1).values
     else:
-        raise ValueError(f"quant.activation_scale: unknown scale rule {scale_rule!r}; use 'minmax' or 'percentile'")
+        raise ValueError(f"quant.activation_scale: unknown scale rule {scale_rule!r}; use 'minmax', 'percentile' or 'batch'")
     return lo.clamp(max=0), hi.clamp(min=0)
 
 
@@ -100,8 +110,11 @@ class _FakeQuantActivation(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor, levels: Tensor) -> Tensor:
-        q = torch.addcmul(zero_point, x, 1.0 / scale).round_()  # as torch: x · (1/s) + z, half to even
+    def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor, levels: Tensor, divide: bool) -> Tensor:
+        if divide:  # as ONNX DynamicQuantizeLinear: round(x / s) + z
+            q = torch.div(x, scale).round_().add_(zero_point)
+        else:  # as torch: x · (1/s) + z, half to even
+            q = torch.addcmul(zero_point, x, 1.0 / scale).round_()
         inside = (q >= 0) & (q <= levels)
         q = torch.minimum(q.clamp_(min=0), levels)
         out = q.sub_(zero_point).mul_(scale)
@@ -114,26 +127,36 @@ class _FakeQuantActivation(torch.autograd.Function):
         grad_x = grad * inside
         dims = tuple(range(1, x.dim()))
         grad_scale = ((grad * out).sum(dims, keepdim=True) - (grad_x * x).sum(dims, keepdim=True)) / scale
-        return grad_x, grad_scale, None, None
+        return grad_x, grad_scale, None, None, None
 
 
-def fake_quant_activation(x: Tensor, bits: Tensor, scale_rule: str = "minmax", percentile: float = 99.9) -> Tensor:
-    """Dynamic asymmetric fake quant with each example's own range and integer zero point.
+ROUNDINGS = ("torch", "onnx")
+
+
+def fake_quant_activation(x: Tensor, bits: Tensor, scale_rule: str = "minmax", percentile: float = 99.9,
+                          range_grad: bool = False, rounding: str = "torch") -> Tensor:
+    """Dynamic asymmetric fake quant with each example's range (:func:`activation_range`) and integer zero point.
 
     For example i with b = bits[i] and L = 2^b - 1:
         s = (hi - lo) / L,  z = round(-lo / s),  q = clamp(round(x / s + z), 0, L),  x̂ = s (q - z),
     computed as ``torch.fake_quantize_per_tensor_affine`` does (x · (1/s) + z, rounded half to
-    even). Rounding is straight-through in x and LSQ-style in s: inside the range
+    even), or with ``rounding="onnx"`` as ONNX's DynamicQuantizeLinear does (round(x / s) + z: the
+    two differ by one level where x · (1/s) and x / s round to opposite sides of a .5, which in a
+    deep network moves the logits by about 1e-4). Rounding is straight-through in x and LSQ-style in s: inside the range
     d x̂ / d s = round(x/s) - x/s, outside it q - z, so the gradient reaches ``bits`` through s(b).
+    With ``range_grad`` it also reaches x through s(lo, hi): under the ``batch`` rule, from every
+    example's output to the inputs that set the range.
     """
     shape = (-1,) + (1,) * (x.dim() - 1)
     dtype = torch.promote_types(x.dtype, torch.float32)  # bf16 activations quantize in float32
-    lo, hi = activation_range(x, scale_rule, percentile)
+    lo, hi = activation_range(x, scale_rule, percentile, range_grad)
     levels = torch.exp2(bits.to(dtype)) - 1
     scale = ((hi - lo).to(dtype) / levels).clamp_min(SCALE_FLOOR)
     zero_point = torch.round(-lo.to(dtype) / scale).detach()
     levels, scale, zero_point = (t.reshape(shape) for t in (levels, scale, zero_point))
-    return _FakeQuantActivation.apply(x.to(dtype), scale, zero_point, levels.detach()).to(x.dtype)
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"quant: unknown rounding {rounding!r}; use one of {ROUNDINGS}")
+    return _FakeQuantActivation.apply(x.to(dtype), scale, zero_point, levels.detach(), rounding == "onnx").to(x.dtype)
 
 
 class DynamicQuant:
@@ -142,13 +165,16 @@ class DynamicQuant:
     ``quant(x, bits, mask)``: ``bits`` is ``[B, N]`` (layer ``l`` of example ``i`` gets
     ``bits[i, l]``), ``mask`` an optional sequence of N booleans choosing which layers'
     inputs are quantized (all by default). ``quant.model(x)`` stays the full-precision network.
+    ``scale_rule``, ``range_grad`` and ``rounding`` are those of :func:`fake_quant_activation`.
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[nn.Module] | None = None, weight_bits: int = 16,
-                 scale_rule: str = "minmax", percentile: float = 99.9, image_size: int = 64):
+                 scale_rule: str = "minmax", percentile: float = 99.9, image_size: int = 64, range_grad: bool = False,
+                 rounding: str = "torch"):
         self.model = model
         self.layers = list(layers) if layers is not None else quantizable_layers(model, image_size)
-        self.weight_bits, self.scale_rule, self.percentile = weight_bits, scale_rule, percentile
+        self.weight_bits, self.scale_rule, self.percentile, self.range_grad = weight_bits, scale_rule, percentile, range_grad
+        self.rounding = rounding
         self.weight_names = [f"{name}.weight" for name, m in model.named_modules() if isinstance(m, QUANTIZED_TYPES)]
         self._bits: Tensor | None = None
         self._mask: list[bool] = []
@@ -164,7 +190,9 @@ class DynamicQuant:
         def quantize_input(_module, args):
             if self._bits is None or not self._mask[index]:
                 return None
-            return (fake_quant_activation(args[0], self._bits[:, index], self.scale_rule, self.percentile), *args[1:])
+            x = fake_quant_activation(args[0], self._bits[:, index], self.scale_rule, self.percentile, self.range_grad,
+                                      self.rounding)
+            return (x, *args[1:])
         return quantize_input
 
     def quantized_weights(self) -> dict[str, Tensor]:

@@ -25,7 +25,7 @@ import json
 import math
 import platform
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import jinja2
@@ -80,12 +80,13 @@ def figure_caption(captions_dir, name: str) -> str:
     return caption(captions_dir, kind, **({"arch": arch} if arch else {}), max_layers=MAX_HISTOGRAM_LAYERS)
 
 
-def _image(figures_dir: Path, name: str, captions_dir) -> dict:
+def _image(figures_dir: Path, name: str, captions_dir, text: str | None = None) -> dict:
+    """A figure as a data URI with its caption (``text``, or its kind's caption file)."""
     path = figures_dir / f"{name}.png"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: figure not found; run dptq.figures.draw() before build()")
     return {"name": name, "src": "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii"),
-            "caption": figure_caption(captions_dir, name)}
+            "caption": text if text is not None else figure_caption(captions_dir, name)}
 
 
 def runtimes(benchmarks_dir) -> pd.DataFrame:
@@ -312,14 +313,54 @@ def _claims_html(effect: pd.DataFrame, t3: pd.DataFrame, scan: pd.DataFrame, thr
             "depth": _html(claims.failure_depth(scan), "failure-depth")}
 
 
+def _audit_html(records: Sequence[Mapping]) -> dict[str, str] | None:
+    """The audit section's tables: the verdicts first, then per model the simulated cells, the
+    runtime check and the batch coupling in the runtime (mean drop ± 95 % t half-width)."""
+    if not records:
+        return None
+    verdicts = pd.DataFrame([{
+        "model": r["model"], "arch": r["arch"], "clean acc": r["clean_acc"], "tolerated drop": r["tolerated_drop"],
+        "simulated worst acc": r["simulated_worst_acc"], "simulated verdict": r["simulated_verdict"],
+        "runtime int8 acc": r["runtime_acc"], "runtime verdict": r["runtime_verdict"],
+        "float layers": ", ".join(r["float_layers"]) or "none",
+        "runtime acc, float layers": r["runtime_acc_float_layers"]} for r in records])
+    cells = pd.DataFrame([{"model": r["model"], "cell": key.removeprefix("worst_acc_"),
+                           **{p: r[f"{p}_acc_{key.removeprefix('worst_acc_')}"] for p in ("uniform", "random", "greedy", "learned")},
+                           "worst": r[key], "worst policy": r[f"worst_policy_{key.removeprefix('worst_acc_')}"],
+                           "worst, float layers kept": r[f"worst_acc_float_layers_{key.removeprefix('worst_acc_')}"]}
+                          for r in records for key in r if re.fullmatch(r"worst_acc_[^_]+-[^_]+", key)])
+    runtime = pd.DataFrame([{"model": r["model"], "top-1 agreement (%)": r["agreement_top1_agreement"],
+                             "median |Δlogit|": f"{r['agreement_median_abs_dlogit']:.2g}",
+                             "max |Δlogit|": f"{r['agreement_max_abs_dlogit']:.2g}",
+                             "integer emulation: median |Δlogit|": f"{r['emulation_median_abs_dlogit']:.2g}"
+                             if "emulation_median_abs_dlogit" in r else "–",
+                             "CPU": r["cpu_model"], "VNNI": r["cpu_avx512_vnni"] or r["cpu_avx_vnni"],
+                             "u8s8 may saturate": r["cpu_u8s8_may_saturate"],
+                             **{k.removeprefix("runtime_acc_"): v for k, v in r.items() if re.fullmatch(r"runtime_acc_[RD]_.+", k)}}
+                            for r in records])
+    rows = []
+    for r in records:
+        for key, drop in r.items():
+            found = re.fullmatch(r"coupling_drop_(runtime_float_layers|runtime)_(.+)_n(\d+)", key)
+            if found:
+                runner, kind, n = found.groups()
+                rows.append({"model": r["model"], "runner": runner, "attacker": kind, "n": int(n),
+                             "drop": _pm(drop, r[key.replace("_drop_", "_ci95_")], signed=True)})
+    coupling = pd.DataFrame(rows).pivot_table(index=["model", "runner", "attacker"], columns="n", values="drop",
+                                              aggfunc="first", sort=False).reset_index()
+    return {"verdicts": _html(verdicts, "audit-verdicts"), "cells": _html(cells, "audit-cells"),
+            "runtime": _html(runtime, "audit-runtime"), "coupling": _html(coupling, "audit-coupling")}
+
+
 # ---------------------------------------------------------------- the page
 
 def build(tables: Mapping, remedy, layer_scan, figures_dir, captions_dir, benchmarks_dir, config: Mapping, html_path,
-          metrics_path) -> None:
+          metrics_path, audits: Sequence[str | Path] = ()) -> None:
     """Write the self-contained report page and the headline metrics JSON.
 
     ``tables``: paths under the keys ``table1``, ``summary``, ``table2``, ``table3``, ``effect``;
     ``remedy`` and ``layer_scan``: the remedy.csv and layer_scan.csv paths (one per seed and arch);
+    ``audits``: the audit.json of every audited model (their figures lie in ``figures_dir``);
     ``captions_dir``: the folder of the caption
     ``.rst`` files; ``config``: the merged config, shown whole (and the few values the text
     quotes). Reads every input before writing anything, so a missing one fails with its name
@@ -337,6 +378,13 @@ def build(tables: Mapping, remedy, layer_scan, figures_dir, captions_dir, benchm
     captions = {name: caption(captions_dir, name) for name in ("table1", "table1_summary", "table2", "table3", "effect")}
     times = runtimes(benchmarks_dir)
     metrics = headline(summary, t2, effect)
+    records = [json.loads(Path(p).read_text()) for p in audits]
+    if records:
+        metrics["audit"] = {r["model"]: {"simulated_verdict": r["simulated_verdict"], "runtime_verdict": r["runtime_verdict"],
+                                         "simulated_drop": r["simulated_drop"], "runtime_drop": r["runtime_drop"]}
+                            for r in records}
+    audit_images = [_image(Path(figures_dir), f"audit_{r['model']}", captions_dir,
+                           caption(captions_dir, "audit", model=r["model"])) for r in records]
     ref = paper()
 
     page = _PAGE.get_template("report.html.j2").render(
@@ -351,6 +399,7 @@ def build(tables: Mapping, remedy, layer_scan, figures_dir, captions_dir, benchm
         table1_tidy=_rows_html(t1, "table1-tidy", "delta"),
         table2=_table2_html(t2), table3=_table3_html(t3),
         claims=_claims_html(effect, t3, scan, config["evaluate"]["effect"]),
+        audit=_audit_html(records), audit_images=audit_images,
         remedy=_html(rem.assign(delta=rem["q_acc"] - rem["fp_acc"]), "remedy", signed=["delta"]),
         runtimes=_html(times, "runtimes") if len(times) else None,
         versions=_html(pd.DataFrame(list(versions().items()), columns=["package", "version"]), "versions"))

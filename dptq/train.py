@@ -36,7 +36,7 @@ from tqdm import tqdm
 from . import budgets, checkpoint, models
 from .data import Data, mixup, network_input, batch_order
 from .losses import hinge_loss, kd_loss
-from .policy import BitPolicy, allocate
+from .policy import BitPolicy, allocate, even_profits
 from .runtime import Runtime
 
 class TrainingError(RuntimeError):
@@ -194,7 +194,7 @@ class PairStage(Stage):
                                                    cell["offset"], where=where)
         self.policy = BitPolicy(self.quant.num_layers, len(self.options), policy["input_size"], policy["width"])
         if policy["start"] == "even":
-            self.policy.start_even(self.options, self.capacity)
+            self.policy.start_at(even_profits(self.quant.num_layers, self.options, self.capacity))
         self.policy = rt.to_device(self.policy, data.image_size)
         # the level orders the budgets for the highlight rule's tie-break, without the config
         self.cell = dict(version=cell["version"], budget=cell["budget"], mode=cell["mode"], options=self.options,
@@ -247,6 +247,51 @@ class PairStage(Stage):
 
     def result(self):
         return {"kind": "pair", "arch": self.arch, "num_classes": self.num_classes, "cell": self.cell}
+
+
+class FrozenPolicyStage(PairStage):
+    """The audit's worst case (SPEC §8): a fresh policy against a frozen network N. Only the policy
+    learns, on the detrimental hinge of N's quantized logits against N's own full-precision top
+    class; no KD term, since N does not change."""
+
+    name = "audit"
+
+    def __init__(self, recipe, data, rt, model: nn.Module, name: str, cell: Mapping, quant: Mapping,
+                 policy: Mapping, margin: float, start: Tensor | None = None):
+        """``start``: the profits [N, K] of the allocation every image gets at first (None: a
+        random policy)."""
+        Stage.__init__(self, recipe, data, rt)
+        self.arch, self.mode, self.margin = name, "detrimental", margin
+        self.profits, self.policy_lr = policy["profits"], None
+        self.quant = checkpoint.quantizer(model.requires_grad_(False), rt, data.image_size, **quant)
+        self.student = self.quant.model
+        self.teacher = query_only(self.student, rt, data.image_size)
+        where = f"audit of {name}, version {cell['version']}, budget {cell['budget']}"
+        self.options, self.capacity = budgets.cell(self.quant.num_layers, cell["bit_range"], cell["level"],
+                                                   cell["offset"], where=where)
+        self.policy = BitPolicy(self.quant.num_layers, len(self.options), policy["input_size"], policy["width"])
+        if start is not None:
+            self.policy.start_at(start)
+        self.policy = rt.to_device(self.policy, data.image_size)
+        self.cell = dict(version=cell["version"], budget=cell["budget"], mode=self.mode, options=self.options,
+                         capacity=self.capacity, level=cell["level"], num_layers=self.quant.num_layers,
+                         policy_input_size=policy["input_size"], policy_width=policy["width"])
+
+    def modules(self):
+        return {"policy": self.policy}
+
+    def param_groups(self):
+        return [{"params": list(self.policy.parameters())}]
+
+    def _losses(self, x):
+        """(hinge, N's FP logits as targets and as the FP logits, quantized logits)."""
+        targets = self.teacher(x)
+        with self.rt.autocast():
+            q_logits = self.quant(x, allocate(self.policy, x, self.options, self.capacity, self.profits))
+        return hinge_loss(q_logits, targets, self.margin, self.mode), targets, targets, q_logits
+
+    def result(self):
+        return {"kind": "audit-policy", "arch": self.arch, "cell": self.cell}
 
 
 def _rng_state() -> dict:

@@ -320,7 +320,7 @@ def test_highlighted_pairs_are_found_by_the_cell_each_checkpoint_holds(run, chec
 
 def test_analysis_subsets_depend_on_the_split_seed_not_the_training_seed():
     cfg = tiny_config()
-    subset = lambda job: analysis._scan_loader(job, "test", 150).dataset.indices  # noqa: E731
+    subset = lambda job: analysis.subset_loader(job, "test", 150).dataset.indices  # noqa: E731
     first = subset(start(cfg, seed=0))
     assert len(first) == 150 and first == subset(start(cfg, seed=7))
     other = config.merge(cfg, {"dataset": {"split_seed": 1}})

@@ -125,6 +125,17 @@ CASES = [
           "analysis.histogram.archs", "resnet34"),
     cross("bin-width-above-range", at("analysis.histogram", {"range": 0.5, "bin_width": 1.0}),
           "analysis.histogram.bin_width", "1.0"),
+    # The audit.
+    unknown("audit.policy.epoch"),
+    unknown("audit.models.mine.weight"),
+    bad("unknown-weight-type", "audit.runtime.weight_type", "QInt4"),
+    bad("unknown-audit-start", "audit.policy.start", "worst"),
+    bad_item("cell-without-budget", "audit.cells", ["I"], 0),
+    cross("cell-not-in-grid", at("audit.cells", ["I-D"]), "audit.cells", "I-D"),
+    cross("model-named-like-an-arch", at("audit.models.resnet18", {"arch": "resnet18", "weights": "w.pth"}),
+          "audit.models", "resnet18"),
+    cross("model-arch-unknown", at("audit.models.mine", {"arch": "resnet_18", "weights": "w.pth"}),
+          "audit.models.mine.arch", "resnet_18"),
 ]
 
 

@@ -33,7 +33,7 @@ TABLE_COLUMNS = {
     "table3": ["seed", "arch", "network", "policy", "q_acc", "fp_acc"],
 }
 # A key of each section (none set by config/smoke.yaml) and the rules whose jobs read it.
-INFERENCE = {"evaluate", "layer_scan", "histograms", "corruptions", "remedy"}
+INFERENCE = {"evaluate", "layer_scan", "histograms", "corruptions", "remedy", "audit_model"}
 READERS = {
     "kd.randaugment.num_ops": {"distill"},
     "teacher.label_smoothing": {"teacher"},
@@ -41,7 +41,8 @@ READERS = {
     "runtime.channels_last": {"teacher", "distill", "pair", *INFERENCE},
     "pairs.margin": {"pair"},
     "quant.percentile": {"pair", *INFERENCE},
-    "evaluate.random_policy_seed": {"evaluate"},
+    "evaluate.random_policy_seed": {"evaluate", "audit_model"},
+    "audit.tolerated_drop": {"audit_model"},
     "analysis.remedy.flag_drop": {"remedy"},
 }
 
@@ -140,10 +141,22 @@ def test_snakemake_smoke_run_leaves_every_output(smoke_run):
         for ext, magic in (("png", b"\x89PNG"), ("pdf", b"%PDF")):
             assert (smoke_run / f"results/figures/{name}.{ext}").read_bytes().startswith(magic), f"{name}.{ext}"
 
+    audited = cfg["kd"]["archs"]  # audit.pipeline: the first seed's W of every arch
+    for model in audited:
+        record = json.loads((smoke_run / f"results/audit/{model}/audit.json").read_text())
+        assert record["simulated_verdict"] in ("pass", "fail") and record["runtime_verdict"] in ("pass", "fail")
+        assert 0 <= record["runtime_acc"] <= 100 and record["agreement_top1_agreement"] >= 99, record
+        assert len(record["nodes_to_exclude"]) == record["num_float_layers"] <= cfg["audit"]["max_float_layers"]
+        for name in ("cells", "sensitivity", "coupling"):
+            assert not pd.read_csv(smoke_run / f"results/audit/{model}/{name}.csv").empty, (model, name)
+        assert (smoke_run / f"results/figures/audit_{model}.png").read_bytes().startswith(b"\x89PNG")
+
     parser = _Tags()
-    parser.feed((smoke_run / "results/report.html").read_text())
+    html = (smoke_run / "results/report.html").read_text()
+    parser.feed(html)
     assert {"html", "table", "img"} <= set(parser.tags)
-    assert parser.tags.count("img") == len(figure_names(cfg))
+    assert parser.tags.count("img") == len(figure_names(cfg)) + len(audited)
+    assert "Deployment audit" in html and "audit-verdicts" in html
     metrics = json.loads((smoke_run / "results/metrics.json").read_text())
     assert isinstance(metrics, dict) and metrics
 

@@ -51,7 +51,7 @@ def test_even_start_gives_every_image_the_most_even_allocation():
         best = min(sum((o - capacity / n) ** 2 for o in a)
                    for a in itertools.product(options, repeat=n) if sum(a) == capacity)
         policy = BitPolicy(n, len(options), input_size=16, width=4)
-        policy.start_even(options, capacity)
+        policy.start_at(even_profits(n, options, capacity))
         assert torch.equal(policy(torch.randn(3, 3, 16, 16)), even_profits(n, options, capacity).expand(3, -1, -1))
         bits = allocate(policy, torch.randn(6, 3, 16, 16), options, capacity)
         assert torch.all(bits.sum(1) == capacity) and len({tuple(row) for row in bits.tolist()}) == 1

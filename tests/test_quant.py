@@ -203,3 +203,56 @@ def test_cached_weights_follow_updates():
     net.load_state_dict(tiny_net().state_dict())
     with torch.no_grad():
         assert torch.allclose(q(x, bits), first, atol=1e-6)
+
+
+def test_batch_rule_takes_one_range_over_the_whole_tensor():
+    x = activation_batch().double()
+    lo, hi = quant.activation_range(x, "batch")
+    assert lo.shape == hi.shape == (len(x),)
+    assert torch.all(lo == min(x.min().item(), 0.0)) and torch.all(hi == max(x.max().item(), 0.0))
+    bits = torch.tensor([3.0, 4, 5, 6, 8, 10, 2], dtype=torch.float64)
+    y = quant.fake_quant_activation(x, bits, "batch")
+    for i in range(len(x)):
+        levels = 2 ** int(bits[i]) - 1
+        s = (hi[0].item() - lo[0].item()) / levels
+        z = round(-lo[0].item() / s)
+        expected = s * (torch.clamp(torch.round(x[i] / s) + z, 0, levels) - z)
+        assert torch.allclose(y[i], expected, atol=1e-9 * s, rtol=0), i
+    positive = x[4:5]  # post-ReLU alone: lo = 0, as the runtime's [min(x, 0), max(x, 0)]
+    assert quant.activation_range(positive, "batch")[0].item() == 0.0
+
+
+def test_batch_of_one_equals_minmax_and_one_example_sets_the_others_quantization():
+    net = tiny_net()
+    x = torch.randn(4, 3, 8, 8)
+    bits = torch.full((4, 2), 4.0)
+    minmax, batch = (quant.DynamicQuant(net, scale_rule=rule, image_size=8) for rule in ("minmax", "batch"))
+    for i in range(len(x)):
+        assert torch.equal(batch(x[i:i + 1], bits[:1]), minmax(x[i:i + 1], bits[:1]))
+    loud = x.clone()
+    loud[0] *= 20.0  # one batch-mate with a much larger range
+    assert torch.equal(minmax(loud, bits)[1:], minmax(x, bits)[1:])
+    assert not torch.allclose(batch(loud, bits)[1:], batch(x, bits)[1:])
+
+
+def test_range_grad_carries_the_batch_mates_loss_to_the_input_that_sets_the_range():
+    net = tiny_net()
+    x = torch.randn(4, 3, 8, 8)
+    x[0] *= 5.0  # example 0 sets the batch's ranges
+    bits = torch.full((4, 2), 4.0)
+    grads = []
+    for range_grad in (False, True):
+        q = quant.DynamicQuant(net, scale_rule="batch", image_size=8, range_grad=range_grad)
+        xg = x.clone().requires_grad_(True)
+        q(xg, bits)[1:].square().sum().backward()  # the loss of the others only
+        grads.append(xg.grad[0])
+    assert torch.equal(grads[0], torch.zeros_like(grads[0]))
+    assert grads[1].abs().sum() > 0
+    with torch.no_grad():  # the forward is the same either way
+        same = [quant.DynamicQuant(net, scale_rule="batch", image_size=8, range_grad=g)(x, bits) for g in (False, True)]
+    assert torch.equal(*same)
+
+
+def test_unknown_scale_rule_names_the_known_ones():
+    with pytest.raises(ValueError, match="'minmax', 'percentile' or 'batch'"):
+        quant.activation_range(torch.zeros(2, 3), "absmax")

@@ -416,3 +416,26 @@ def test_columns_match_the_writers():
                "corruptions": analysis.CORRUPTION_COLUMNS, "remedy": analysis.REMEDY_COLUMNS}
     for kind, columns in written.items():
         assert set(figures.COLUMNS[kind]) <= set(columns), kind
+
+
+def test_audit_section_states_the_verdicts_first_with_their_numbers():
+    """One audit record (as dptq.audit writes it) becomes the verdict table (first), the cells, the
+    runtime check and the coupling table, each value from the record."""
+    record = {"model": "mine", "arch": "resnet18", "clean_acc": 98.0, "tolerated_drop": 1.0,
+              "simulated_worst_acc": 90.0, "simulated_verdict": "fail", "runtime_acc": 97.5, "runtime_verdict": "pass",
+              "float_layers": ["layer4.0.conv1"], "runtime_acc_float_layers": 97.9,
+              **{f"{p}_acc_I-A": a for p, a in (("uniform", 97.0), ("random", 96.0), ("greedy", 93.0), ("learned", 90.0))},
+              "worst_acc_I-A": 90.0, "worst_policy_I-A": "learned", "worst_acc_float_layers_I-A": 97.2,
+              "agreement_top1_agreement": 100.0, "agreement_median_abs_dlogit": 3e-8, "agreement_max_abs_dlogit": 2e-6,
+              "cpu_model": "x86", "cpu_avx512_vnni": False, "cpu_avx_vnni": False, "cpu_u8s8_may_saturate": True,
+              "runtime_acc_D_I-A": 95.0,
+              "coupling_drop_runtime_crude_n8": 4.25, "coupling_ci95_runtime_crude_n8": 1.5,
+              "coupling_drop_runtime_float_layers_crude_n8": 0.5, "coupling_ci95_runtime_float_layers_crude_n8": 0.25}
+    html = report._audit_html([record])
+    assert list(html) == ["verdicts", "cells", "runtime", "coupling"]
+    for fragment in ("mine", "fail", "pass", "90.00", "97.50", "layer4.0.conv1"):
+        assert fragment in html["verdicts"], fragment
+    assert "learned" in html["cells"] and "97.20" in html["cells"]
+    assert "3e-08" in html["runtime"] and "95.00" in html["runtime"]
+    assert "+4.25 ±\xa01.50" in html["coupling"] and "runtime_float_layers" in html["coupling"]
+    assert report._audit_html([]) is None

@@ -149,7 +149,7 @@ def test_policy_lr_sets_the_policys_group_only(cfg, network, tmp_path):
 
 
 def test_even_start_trains_from_the_even_allocation(cfg, network, tmp_path, monkeypatch):
-    """pairs.policy.start: even: the policy that enters training is BitPolicy.start_even's."""
+    """pairs.policy.start: even: the policy that enters training starts at even_profits (BitPolicy.start_at)."""
     seen = []
     real = train.PairStage.__init__
 

@@ -127,3 +127,55 @@ INFERENCE = (
 def per_seed_and_arch(files, archs=ARCHS):
     """``files`` (a rule's output pattern) of every seed and arch."""
     return expand(files, seed=SEEDS, arch=archs)
+
+
+# The deployment audit's models (workflow/rules/audit.smk): every network of audit.models, and
+# with audit.pipeline the first seed's W of every arch.
+MODELS = [*(ARCHS if config["audit"]["pipeline"] else []), *config["audit"]["models"]]
+AUDIT_CELLS = config["audit"]["cells"] or [
+    f"{v}-{b}" for v in VERSIONS for b in BUDGETS
+]
+
+
+def audit_keys(wildcards):
+    """The audit's keys: of the grid, the audited cells' entries; of audit.models, the job's own."""
+    cells = [c.split("-", 1) for c in AUDIT_CELLS]
+    own = wildcards.model in config["audit"]["models"]
+    return keys(
+        *INFERENCE,
+        *dict.fromkeys(f"pairs.versions.{v}" for v, _ in cells),
+        *dict.fromkeys(f"pairs.budgets.{b}" for _, b in cells),
+        *dict.fromkeys(f"pairs.budget_offset.{v}" for v, _ in cells),
+        "pairs.policy.input_size",
+        "pairs.policy.width",
+        "pairs.grad_clip",
+        "pairs.select_best",
+        "analysis.max_examples",
+        "analysis.corruptions.names",
+        "analysis.corruptions.degrees",
+        "evaluate.random_policy_seed",
+        *(["audit.models.{model}"] if own else []),
+        *[f"audit.{k}" for k in config["audit"] if k not in ("models", "pipeline")],
+    )(wildcards)
+
+
+def audited(wildcards):
+    """The audited network's file: the user's weights, or the pipeline's W and the R and D
+    pairs of the audited cells (their runtime accuracy is reported too)."""
+    spec = config["audit"]["models"].get(wildcards.model)
+    if spec is not None:
+        return {"weights": spec["weights"]}
+    cells = [c.split("-", 1) for c in AUDIT_CELLS]
+    pair = rules.pair.output.ckpt
+    return {
+        "network": expand(
+            rules.distill.output.ckpt, seed=SEEDS[0], arch=wildcards.model
+        ),
+        "pairs": [
+            pair.format(
+                seed=SEEDS[0], arch=wildcards.model, version=v, budget=b, mode=m
+            )
+            for v, b in cells
+            for m in MODES
+        ],
+    }

@@ -47,6 +47,8 @@ rule report:
         remedy=per_seed_and_arch(rules.remedy.output.csv),
         layer_scan=per_seed_and_arch(rules.layer_scan.output.csv),
         figures=rules.figures.output.png,
+        audits=rules.audit.input,
+        audit_figures=expand(rules.audit_model.output.figure, model=MODELS),
         captions=expand(
             "workflow/report/{kind}.rst",
             kind=sorted(
@@ -57,6 +59,7 @@ rule report:
                     "table2",
                     "table3",
                     "effect",
+                    "audit",
                 }
             ),
         ),
@@ -81,6 +84,7 @@ rule report:
             "quant",
             "evaluate",
             "analysis",
+            "audit",
         ),
         args=args,
     shell:

@@ -6,7 +6,7 @@ from pathlib import Path
 from _entry import job
 from dptq import report
 
-args, cfg = job(__doc__, files=[*report.TABLES, "html", "metrics"], lists=["remedy", "layer_scan", "figures", "captions"])
+args, cfg = job(__doc__, files=[*report.TABLES, "html", "metrics"], lists=["remedy", "layer_scan", "figures", "captions", "audits", "audit_figures"])
 tables = {name: getattr(args, name) for name in report.TABLES}
 report.build(tables, args.remedy, args.layer_scan, figures_dir=Path(args.figures[0]).parent, captions_dir=Path(args.captions[0]).parent,
-             benchmarks_dir="benchmarks", config=cfg.plain(), html_path=args.html, metrics_path=args.metrics)
+             benchmarks_dir="benchmarks", config=cfg.plain(), html_path=args.html, metrics_path=args.metrics, audits=args.audits)
