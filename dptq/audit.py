@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from . import analysis, budgets, checkpoint, coupling, data, deploy, evaluate, models, train
 from .corruptions import corrupt
 from .data import Data
-from .policy import even_profits
+from .policy import allocate, even_profits
 from .runtime import Runtime
 
 CELL_COLUMNS = ["model", "version", "budget", "policy", "network", "acc", "fp_acc", "drop"]
@@ -144,7 +144,6 @@ def masked_accuracies(job: analysis.Job, quant, loader, policies: Mapping[str, t
                       normalize) -> dict[str, list[float]]:
     """Accuracy of every (policy, mask) on ``loader``; each policy's bits computed once per batch.
     ``policies``: name → (policy, options, capacity, profit rule)."""
-    from .policy import allocate
 
     def run(x: Tensor) -> Tensor:
         preds = []
@@ -259,7 +258,6 @@ def audit_model(name: str, spec: Mapping, out_dir: str | Path, figure: str | Pat
     from .figures import audit_figure  # matplotlib and seaborn only here
 
     audit_figure(sens, points, name, figure)
-    record = {k: (float(v) if isinstance(v, float) else v) for k, v in record.items()}
     tmp = out_dir / "audit.json.tmp"
     tmp.write_text(json.dumps(record, indent=1))
     tmp.replace(out_dir / "audit.json")

@@ -189,15 +189,21 @@ class PairStage(Stage):
         self.teacher = query_only(copy.deepcopy(white_box), rt, data.image_size)
         self.quant = checkpoint.quantizer(white_box, rt, data.image_size, **quant)
         self.student = self.quant.model
-        where = f"arch {self.arch}, version {cell['version']}, budget {cell['budget']}"
+        even = lambda options, capacity: even_profits(self.quant.num_layers, options, capacity)  # noqa: E731
+        self._cell_policy(cell, policy, f"arch {self.arch}", even if policy["start"] == "even" else None)
+
+    def _cell_policy(self, cell: Mapping, policy: Mapping, who: str, start) -> None:
+        """The cell's options and capacity (checked), a fresh policy for them, started at the profits
+        ``start(options, capacity)`` when given, and the cell record of the checkpoint."""
+        where = f"{who}, version {cell['version']}, budget {cell['budget']}"
         self.options, self.capacity = budgets.cell(self.quant.num_layers, cell["bit_range"], cell["level"],
                                                    cell["offset"], where=where)
         self.policy = BitPolicy(self.quant.num_layers, len(self.options), policy["input_size"], policy["width"])
-        if policy["start"] == "even":
-            self.policy.start_at(even_profits(self.quant.num_layers, self.options, self.capacity))
-        self.policy = rt.to_device(self.policy, data.image_size)
+        if start is not None:
+            self.policy.start_at(start(self.options, self.capacity))
+        self.policy = self.rt.to_device(self.policy, self.data.image_size)
         # the level orders the budgets for the highlight rule's tie-break, without the config
-        self.cell = dict(version=cell["version"], budget=cell["budget"], mode=cell["mode"], options=self.options,
+        self.cell = dict(version=cell["version"], budget=cell["budget"], mode=self.mode, options=self.options,
                          capacity=self.capacity, level=cell["level"], num_layers=self.quant.num_layers,
                          policy_input_size=policy["input_size"], policy_width=policy["width"])
 
@@ -266,16 +272,7 @@ class FrozenPolicyStage(PairStage):
         self.quant = checkpoint.quantizer(model.requires_grad_(False), rt, data.image_size, **quant)
         self.student = self.quant.model
         self.teacher = query_only(self.student, rt, data.image_size)
-        where = f"audit of {name}, version {cell['version']}, budget {cell['budget']}"
-        self.options, self.capacity = budgets.cell(self.quant.num_layers, cell["bit_range"], cell["level"],
-                                                   cell["offset"], where=where)
-        self.policy = BitPolicy(self.quant.num_layers, len(self.options), policy["input_size"], policy["width"])
-        if start is not None:
-            self.policy.start_at(start)
-        self.policy = rt.to_device(self.policy, data.image_size)
-        self.cell = dict(version=cell["version"], budget=cell["budget"], mode=self.mode, options=self.options,
-                         capacity=self.capacity, level=cell["level"], num_layers=self.quant.num_layers,
-                         policy_input_size=policy["input_size"], policy_width=policy["width"])
+        self._cell_policy(cell, policy, f"audit of {name}", None if start is None else lambda *_: start)
 
     def modules(self):
         return {"policy": self.policy}
