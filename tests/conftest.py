@@ -80,11 +80,13 @@ def smoke_run(tmp_path_factory) -> Path:
 
 def linked_copy(src: Path, dst: Path) -> Path:
     """A copy of a finished run for read-only tools (``snakemake -n``, ``dvc status``): data files
-    hard-linked (same mtimes, no bytes copied), the config files and the tools' own state copied,
-    so that editing them leaves ``src`` untouched."""
+    and DVC's content-addressed cache hard-linked (same mtimes, no bytes copied: a test's disk is a
+    few MB, not the run's GB), the config files and the tools' own state copied, so that editing
+    them leaves ``src`` untouched."""
     def copy(path, target):
         name = Path(path).relative_to(src).parts
-        if name[0] in (".dvc", ".snakemake", ".git") or Path(path).suffix in (".yaml", ".lock"):
+        state = name[0] in (".dvc", ".snakemake", ".git") and name[:2] != (".dvc", "cache")
+        if state or Path(path).suffix in (".yaml", ".lock"):
             return shutil.copy2(path, target)
         return os.link(path, target)
 
