@@ -7,6 +7,8 @@ Pure pandas, like :mod:`dptq.tables`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pandas as pd
 
 EFFECT_COLUMNS = ["seed", "arch", "version", "budget", "white_box_acc", "robust_fp_acc", "robust_delta",
@@ -16,13 +18,37 @@ CROSS_POLICY_COLUMNS = ["seed", "arch", "d_own", "d_with_robust_policy", "d_with
 DEPTH_COLUMNS = ["seed", "arch", "rank", "layer", "relative_depth", "d_acc", "r_acc"]
 
 
+@dataclass(frozen=True)
+class Bar:
+    """The effect's thresholds (the config's ``evaluate.effect``), in points."""
+    min_detrimental_drop: float
+    max_robust_drop: float
+    max_fp_gap: float
+    max_white_box_gap: float
+    min_white_box_acc: float
+    max_cross_policy_drop: float
+
+
 def _r9(series: pd.Series) -> pd.Series:
     # accuracies are multiples of 100/n computed along different float paths: compare rounded values
     return series.round(9)
 
 
-def effect(table1: pd.DataFrame, *, min_detrimental_drop: float, max_robust_drop: float, max_fp_gap: float,
-           max_white_box_gap: float, min_white_box_acc: float, **_cross_policy) -> pd.DataFrame:
+def by_mode(table1: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """One row per ``keys`` cell that has both a robust and a detrimental pair: ``robust_fp_acc``,
+    ``robust_delta``, ``detrimental_fp_acc``, ``detrimental_delta`` and ``fp_gap`` = |FP_R − FP_D|
+    (rounded to nine decimals), ``keys`` as columns, in the table's order."""
+    if table1.duplicated([*keys, "mode"]).any():
+        raise ValueError(f"table 1 has more than one row for some ({', '.join(keys)}, mode)")
+    wide = table1.pivot(index=keys, columns="mode", values=["fp_acc", "delta"])
+    wide = wide.reindex(pd.MultiIndex.from_frame(table1[keys]).unique()).dropna()
+    out = pd.DataFrame({f"{mode}_{value}": wide[(value, mode)] for mode in ("robust", "detrimental")
+                        for value in ("fp_acc", "delta")}).reset_index()
+    out["fp_gap"] = _r9((out["robust_fp_acc"] - out["detrimental_fp_acc"]).abs())
+    return out
+
+
+def effect(table1: pd.DataFrame, bar: Bar) -> pd.DataFrame:
     """Per (seed, arch, version, budget) with both modes, whether the cell shows the effect:
 
         Δ_D ≤ −min_detrimental_drop,  Δ_R ≥ −max_robust_drop,  |FP_R − FP_D| ≤ max_fp_gap,
@@ -31,29 +57,21 @@ def effect(table1: pd.DataFrame, *, min_detrimental_drop: float, max_robust_drop
     ``highlighted`` is False here; :func:`dptq.tables.merge_tables` marks the cell chosen on the means.
     """
     keys = ["seed", "arch", "version", "budget"]
-    wide = table1.pivot_table(index=keys, columns="mode", values=["fp_acc", "delta"], sort=False)
-    wide = wide.dropna()
+    out = by_mode(table1, keys)
     white = table1.groupby(keys, sort=False)["white_box_acc"].first()
-    out = pd.DataFrame({
-        "white_box_acc": white.reindex(wide.index).to_numpy(),
-        "robust_fp_acc": wide[("fp_acc", "robust")].to_numpy(), "robust_delta": wide[("delta", "robust")].to_numpy(),
-        "detrimental_fp_acc": wide[("fp_acc", "detrimental")].to_numpy(),
-        "detrimental_delta": wide[("delta", "detrimental")].to_numpy(),
-    }, index=wide.index).reset_index()
-    out["fp_gap"] = (out["robust_fp_acc"] - out["detrimental_fp_acc"]).abs()
+    out["white_box_acc"] = white.reindex(pd.MultiIndex.from_frame(out[keys])).to_numpy()
     w = _r9(out["white_box_acc"])
-    out["meets"] = ((_r9(out["detrimental_delta"]) <= -min_detrimental_drop)
-                    & (_r9(out["robust_delta"]) >= -max_robust_drop)
-                    & (_r9(out["fp_gap"]) <= max_fp_gap)
-                    & (_r9((out["robust_fp_acc"] - out["white_box_acc"]).abs()) <= max_white_box_gap)
-                    & (_r9((out["detrimental_fp_acc"] - out["white_box_acc"]).abs()) <= max_white_box_gap)
-                    & (w >= min_white_box_acc))
+    out["meets"] = ((_r9(out["detrimental_delta"]) <= -bar.min_detrimental_drop)
+                    & (_r9(out["robust_delta"]) >= -bar.max_robust_drop)
+                    & (out["fp_gap"] <= bar.max_fp_gap)
+                    & (_r9((out["robust_fp_acc"] - out["white_box_acc"]).abs()) <= bar.max_white_box_gap)
+                    & (_r9((out["detrimental_fp_acc"] - out["white_box_acc"]).abs()) <= bar.max_white_box_gap)
+                    & (w >= bar.min_white_box_acc))
     out["highlighted"] = False
     return out[EFFECT_COLUMNS]
 
 
-def cross_policy(table3: pd.DataFrame, *, min_detrimental_drop: float, max_cross_policy_drop: float,
-                 **_effect) -> pd.DataFrame:
+def cross_policy(table3: pd.DataFrame, bar: Bar) -> pd.DataFrame:
     """Per (seed, arch), Table 3's two claims at that seed's highlighted cell:
 
     - the collapse needs both D and π_D: Q(D, π_D) ≤ Q(D, π_R) − min_detrimental_drop and
@@ -70,9 +88,9 @@ def cross_policy(table3: pd.DataFrame, *, min_detrimental_drop: float, max_cross
                    w_fp=fp["white_box"], w_with_d_policy=q[("white_box", "detrimental")],
                    r_fp=fp["robust"], r_with_d_policy=q[("robust", "detrimental")])
         others = min(row["d_with_robust_policy"], row["d_with_random_policy"])
-        row["collapse_needs_both"] = bool(round(row["d_own"] + min_detrimental_drop, 9) <= round(others, 9))
-        row["others_hold"] = bool(round(abs(row["w_with_d_policy"] - row["w_fp"]), 9) <= max_cross_policy_drop
-                                  and round(abs(row["r_with_d_policy"] - row["r_fp"]), 9) <= max_cross_policy_drop)
+        row["collapse_needs_both"] = bool(round(row["d_own"] + bar.min_detrimental_drop, 9) <= round(others, 9))
+        row["others_hold"] = bool(round(abs(row["w_with_d_policy"] - row["w_fp"]), 9) <= bar.max_cross_policy_drop
+                                  and round(abs(row["r_with_d_policy"] - row["r_fp"]), 9) <= bar.max_cross_policy_drop)
         rows.append(row)
     return pd.DataFrame(rows, columns=CROSS_POLICY_COLUMNS)
 

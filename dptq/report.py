@@ -309,7 +309,7 @@ def _claims_html(effect: pd.DataFrame, t3: pd.DataFrame, scan: pd.DataFrame, thr
     at_cell = effect[effect["highlighted"]].drop(columns=["highlighted", "cell"])
     return {"effect": _effect_html(effect),
             "effect_rows": _html(at_cell, "effect-rows", signed=["robust_delta", "detrimental_delta"]),
-            "cross_policy": _html(claims.cross_policy(t3, **thresholds), "cross-policy"),
+            "cross_policy": _html(claims.cross_policy(t3, claims.Bar(**thresholds)), "cross-policy"),
             "depth": _html(claims.failure_depth(scan), "failure-depth")}
 
 

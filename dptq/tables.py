@@ -63,19 +63,14 @@ def cell_summary(table1: pd.DataFrame, max_fp_gap: float) -> pd.DataFrame:
         raise ValueError(f"table 1 needs robust and detrimental pairs to pick a cell; it has modes "
                          f"{sorted(table1['mode'].unique())} (pairs.modes must list both)")
     keyed = table1.assign(version=table1["version"].astype(str), budget=table1["budget"].astype(str))
-    if keyed.duplicated(["version", "budget", "mode"]).any():
-        raise ValueError("table 1 has more than one row for some (version, budget, mode)")
-    wide = keyed.pivot(index=["version", "budget"], columns="mode", values=["fp_acc", "delta"]).dropna()
+    wide = claims.by_mode(keyed, ["version", "budget"])
     if wide.empty:
         raise ValueError("table 1 has no (version, budget) cell with both a robust and a detrimental pair")
-    cells = pd.DataFrame({
-        "objective": wide[("delta", "robust")] - wide[("delta", "detrimental")],
-        "fp_gap": (wide[("fp_acc", "robust")] - wide[("fp_acc", "detrimental")]).abs(),
-    }).reset_index()
     # accuracies are multiples of 100/n computed along different float paths: compare rounded values
-    cells["objective"], cells["fp_gap"] = cells["objective"].round(9), cells["fp_gap"].round(9)
+    cells = wide[["version", "budget", "fp_gap"]].assign(
+        objective=(wide["robust_delta"] - wide["detrimental_delta"]).round(9))
     cells["within_gap"] = cells["fp_gap"] <= max_fp_gap
-    return cells
+    return cells[["version", "budget", "objective", "fp_gap", "within_gap"]]
 
 
 def highlight(table1: pd.DataFrame, max_fp_gap: float, budget_order: Sequence | None = None,
@@ -149,7 +144,7 @@ def merge_tables(table1: Sequence, table2: Sequence, table3: Sequence, out: Mapp
                 raise ValueError(f"{path}: columns {list(table.columns)}, expected {columns}; "
                                  "re-run the evaluate job that writes it")
         merged[name] = pd.concat(tables, ignore_index=True)
-    cells = claims.effect(merged["table1"], **effect)
+    cells = claims.effect(merged["table1"], claims.Bar(**effect))
     merged["summary"] = summarize(merged["table1"], highlight_max_fp_gap, budget_levels, cells)
     chosen = merged["summary"].loc[merged["summary"]["highlighted"], ["arch", "version", "budget"]].drop_duplicates()
     cells["highlighted"] = pd.MultiIndex.from_frame(cells[["arch", "version", "budget"]]).isin(

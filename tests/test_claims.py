@@ -4,7 +4,7 @@ import pytest
 
 from dptq import claims
 
-EFFECT = dict(min_detrimental_drop=20.0, max_robust_drop=3.0, max_fp_gap=2.0, max_white_box_gap=3.0,
+EFFECT = claims.Bar(min_detrimental_drop=20.0, max_robust_drop=3.0, max_fp_gap=2.0, max_white_box_gap=3.0,
               min_white_box_acc=90.0, max_cross_policy_drop=5.0)
 
 
@@ -24,20 +24,20 @@ def test_effect_checks_every_condition_inclusively():
                 "weak_r": (91.0, -3.1, 91.0, -40.0),      # R loses too much
                 "fp_gap": (91.5, 0.0, 89.4, -40.0),       # |FP_R - FP_D| = 2.1
                 "far_from_w": (88.9, 0.0, 88.9, -40.0)})  # both 3.1 below W
-    out = claims.effect(t, **EFFECT).set_index("budget")
-    assert list(claims.effect(t, **EFFECT).columns) == claims.EFFECT_COLUMNS
+    out = claims.effect(t, EFFECT).set_index("budget")
+    assert list(claims.effect(t, EFFECT).columns) == claims.EFFECT_COLUMNS
     assert out["meets"].to_dict() == {"ok": True, "weak_d": False, "weak_r": False, "fp_gap": False, "far_from_w": False}
     assert out.loc["fp_gap", "fp_gap"] == pytest.approx(2.1) and not out["highlighted"].any()
-    low_w = claims.effect(table1({"ok": (89.0, 0.0, 89.0, -40.0)}, white=89.9), **EFFECT)
+    low_w = claims.effect(table1({"ok": (89.0, 0.0, 89.0, -40.0)}, white=89.9), EFFECT)
     assert not low_w["meets"].any()  # W below 90
     # float noise: 0.1 + 0.2 - 3.3 is -3.0000000000000004, still -3 to nine decimals
-    assert claims.effect(table1({"ok": (91.0, 0.1 + 0.2 - 3.3, 91.0, -30.0)}), **EFFECT)["meets"].all()
+    assert claims.effect(table1({"ok": (91.0, 0.1 + 0.2 - 3.3, 91.0, -30.0)}), EFFECT)["meets"].all()
 
 
 def test_effect_skips_cells_without_both_modes():
     t = table1({"A": (91.0, 0.0, 91.0, -30.0), "B": (91.0, 0.0, 91.0, -30.0)})
     t = t[~((t["budget"] == "B") & (t["mode"] == "robust"))]
-    assert claims.effect(t, **EFFECT)["budget"].tolist() == ["A"]
+    assert claims.effect(t, EFFECT)["budget"].tolist() == ["A"]
 
 
 def table3(seed: int, d_own: float, d_r: float, d_rand: float, w_d: float, r_d: float) -> pd.DataFrame:
@@ -52,7 +52,7 @@ def test_cross_policy_claims_per_seed():
     t3 = pd.concat([table3(0, 40.0, 60.0, 61.0, 87.0, 86.0),     # 20 below both; W and R within 5
                     table3(1, 40.0, 59.9, 80.0, 87.0, 86.0),     # 19.9 below D with π_R
                     table3(2, 40.0, 80.0, 80.0, 86.9, 91.0)])    # W with π_D 5.1 below its FP
-    out = claims.cross_policy(t3, **EFFECT)
+    out = claims.cross_policy(t3, EFFECT)
     assert list(out.columns) == claims.CROSS_POLICY_COLUMNS
     assert out["collapse_needs_both"].tolist() == [True, False, True]
     assert out["others_hold"].tolist() == [True, True, False]

@@ -78,7 +78,7 @@ def summarise(t1):
 
 def effect_table(t1, cfg):
     """effect.csv from table1.csv, SUMMARY_CELL highlighted."""
-    out = claims.effect(t1, **cfg["evaluate"]["effect"])
+    out = claims.effect(t1, claims.Bar(**cfg["evaluate"]["effect"]))
     return out.assign(highlighted=[(v, b) == SUMMARY_CELL for v, b in zip(out["version"], out["budget"])])
 
 

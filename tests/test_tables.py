@@ -1,5 +1,6 @@
 """dptq.tables: the highlight rule, the seeds' summary with its t-interval, and table merging, on
 hand-made tables (the end-to-end run of evaluate_arch is in test_analysis.py)."""
+import dataclasses
 import math
 import warnings
 
@@ -77,12 +78,12 @@ def test_ci95_is_the_student_t_half_width():
 
 
 LEVELS = {"B": 5.5, "A": 4.0}
-EFFECT = dict(min_detrimental_drop=20.0, max_robust_drop=3.0, max_fp_gap=2.0, max_white_box_gap=3.0,
+EFFECT = claims.Bar(min_detrimental_drop=20.0, max_robust_drop=3.0, max_fp_gap=2.0, max_white_box_gap=3.0,
               min_white_box_acc=90.0, max_cross_policy_drop=5.0)
 
 
 def summarize(t1, max_fp_gap=1.0):
-    return tables.summarize(t1, max_fp_gap, LEVELS, claims.effect(t1, **EFFECT))
+    return tables.summarize(t1, max_fp_gap, LEVELS, claims.effect(t1, EFFECT))
 
 
 def full_table1(cells: dict, arch: str = "rn", seed: int = 0, white_box_acc: float = 90.0) -> pd.DataFrame:
@@ -143,7 +144,7 @@ def merge(folders, out):
     """merge_tables on the tables of ``folders``, written under ``out``."""
     names = ("table1", "summary", "table2", "table3", "effect")
     tables.merge_tables(*([f / f"table{i}.csv" for f in folders] for i in (1, 2, 3)), {n: out / f"{n}.csv" for n in names},
-                        highlight_max_fp_gap=1.0, budget_levels=LEVELS, effect=EFFECT)
+                        highlight_max_fp_gap=1.0, budget_levels=LEVELS, effect=dataclasses.asdict(EFFECT))
 
 
 def test_merge_tables(tmp_path):
