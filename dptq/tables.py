@@ -12,7 +12,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
-from scipy import stats
 
 from . import claims
 
@@ -101,6 +100,8 @@ def ci95(values: pd.Series, level: float = 0.95) -> float:
     """Half-width of the Student-t interval of the mean: t_{(1+level)/2, n-1} · s / √n (s the sample
     standard deviation); NaN for n = 1, where no interval exists. With a handful of seeds a
     bootstrap interval would be far too narrow (3 seeds give 10 resamples)."""
+    from scipy import stats  # 1 s of import that only the tables job, of all that import this module, needs
+
     n = len(values)
     if n < 2:
         return math.nan
