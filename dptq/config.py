@@ -179,7 +179,7 @@ def _cross_field_problems(cfg: Mapping):
 # Settings that may be one value for every arch or a map arch -> value (the paper distils
 # MobileNetV4 at batch 64; on digits it needs more distillation epochs and its pairs a lower
 # learning rate).
-PER_ARCH = {"kd": ("epochs", "batch_size"), "pairs": ("epochs", "lr")}
+PER_ARCH = {"kd": ("epochs", "batch_size"), "pairs": ("epochs", "lr", "alpha")}
 
 
 def seeds(cfg: Mapping) -> list[int]:

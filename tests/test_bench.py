@@ -23,7 +23,8 @@ def seconds_with(cfg, arch_ms=None, teacher_ms=None, n_train=898, n_test=899):
 
 @pytest.fixture
 def cfg():
-    return config.load([ROOT / "config.yaml"], overrides={"kd": {"archs": ["resnet18"], "batch_size": 64}, "pairs": {"batch_size": 16},
+    return config.load([ROOT / "config.yaml"], overrides={"kd": {"archs": ["resnet18"], "batch_size": 64},
+                                                          "pairs": {"batch_size": 16, "epochs": 2},
                                                           "analysis": {"histogram": {"archs": ["resnet18"]}}})
 
 
