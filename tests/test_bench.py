@@ -1,4 +1,5 @@
-"""bench/: the projection's stage counts against hand-computed values, and every script runs."""
+"""bench/: the projection's stage counts against hand-computed values, the start-up bench's output redirection, and
+every script runs."""
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import projection  # noqa: E402
+import startup  # noqa: E402
 
 ZERO = {"distill": 0.0, "infer fp": 0.0, "infer q": 0.0, "pair": 0.0, "pair eval": 0.0}
 
@@ -58,6 +60,14 @@ def test_every_training_seed_runs_the_whole_study(cfg):
     one = seconds_with(cfg, ms, {"plain": 1.0, "infer fp": 1.0})
     three = seconds_with(config.merge(cfg, {"seed": [0, 1, 2]}), ms, {"plain": 1.0, "infer fp": 1.0})
     assert three.keys() == one.keys() and all(three[k] == pytest.approx(3 * one[k]) for k in one)
+
+
+def test_startup_moves_only_the_job_outputs(tmp_path):
+    command = ["--seed", "0", "--network", "checkpoints/seed0/distill/resnet18.pt", "--ckpt", "checkpoints/seed0/pair/x.pt",
+               "--metrics", "checkpoints/seed0/pair/x.csv", "--config", "config.yaml", "--log", "logs/pair/x.log"]
+    moved = startup.redirected(command, tmp_path)
+    assert moved == ["--seed", "0", "--network", "checkpoints/seed0/distill/resnet18.pt", "--ckpt", str(tmp_path / "x.pt"),
+                     "--metrics", str(tmp_path / "x.csv"), "--config", "config.yaml", "--log", str(tmp_path / "x.log")]
 
 
 def run(script, *args):
