@@ -81,19 +81,20 @@ def evaluate_arch(seed: int, arch: str, network: str | Path, pairs: Sequence[str
 
     ``network`` is the distilled white-box checkpoint, ``pairs`` every pair checkpoint of the arch
     (each knows its cell; Table 1 keeps their order); all must be ``arch``'s. Every (network, policy) combination is one
-    pass over the test set; each network's full-precision predictions are computed once and reused.
+    pass over the test set; each network's full-precision predictions are computed once and reused. One pair is
+    held in memory at a time: Table 3 loads the highlighted cell's two pairs again.
     """
     rt, test = Runtime(seed, **runtime), Data(**dataset)
     loader = test.loader(test.build("test"), batch_size, rt)
     white = checkpoint.white_box(network, rt, test.image_size, quant, arch)
     white_fp, labels = predict(white, loader, rt)
-    fp, q, loaded, rows, levels = {}, {}, {}, [], {}
+    fp, q, paths, rows, levels = {}, {}, {}, [], {}
     for path in tqdm(pairs, desc=f"{arch}: table 1", leave=False):
         pair = checkpoint.pair(path, rt, test.image_size, quant, arch)
         cell = pair.cell
         key = (cell["version"], cell["budget"], cell["mode"])
         levels[cell["budget"]] = cell["level"]
-        loaded[key] = pair
+        paths[key] = path
         fp[key] = predict(pair.quant, loader, rt)[0]
         q[key] = predict(pair.quant, loader, rt, profits, policy=pair.policy, options=pair.options,
                          capacity=pair.capacity)[0]
@@ -111,7 +112,8 @@ def evaluate_arch(seed: int, arch: str, network: str | Path, pairs: Sequence[str
     table2 = pd.DataFrame([dict(seed=seed, arch=arch, transitory_pct=transitory_pct(fp[r] == labels, fp[d] == labels,
                                                                                      q[d] == labels))])
     random = functools.partial(random_policy, seed=random_policy_seed)
-    table3 = cross_policy(loader, rt, profits, labels, white, white_fp, loaded[r], loaded[d], random,
+    robust, detrimental = (checkpoint.pair(paths[key], rt, test.image_size, quant, arch) for key in (r, d))
+    table3 = cross_policy(loader, rt, profits, labels, white, white_fp, robust, detrimental, random,
                           known=(fp, q, r, d)).assign(arch=arch)
     table3.insert(0, "seed", seed)
     for name, table, columns in (("table1", table1, TABLE1_COLUMNS), ("table2", table2, TABLE2_COLUMNS),

@@ -10,6 +10,7 @@ no loop over examples.
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -187,11 +188,17 @@ class DynamicQuant:
         return len(self.layers)
 
     def _hook(self, index: int):
+        # a weak reference: the model holds its hooks, and a hook holding this object would make a
+        # cycle that only the garbage collector frees, so a job loading one network after another
+        # would keep every one of them in memory until it happens to run
+        ref = weakref.ref(self)
+
         def quantize_input(_module, args):
-            if self._bits is None or not self._mask[index]:
+            quant = ref()
+            if quant is None or quant._bits is None or not quant._mask[index]:
                 return None
-            x = fake_quant_activation(args[0], self._bits[:, index], self.scale_rule, self.percentile, self.range_grad,
-                                      self.rounding)
+            x = fake_quant_activation(args[0], quant._bits[:, index], quant.scale_rule, quant.percentile,
+                                      quant.range_grad, quant.rounding)
             return (x, *args[1:])
         return quantize_input
 

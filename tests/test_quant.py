@@ -1,4 +1,7 @@
 """dptq.quant against torch's own fake quantizer, float64 hand formulas and the layer counts of docs/method.md §2.1."""
+import gc
+import weakref
+
 import timm
 import torch
 import pytest
@@ -185,6 +188,22 @@ def test_bad_bits_shape_is_refused():
     q = quant.DynamicQuant(tiny_net(), image_size=8)
     with pytest.raises(ValueError, match=r"N=2"):
         q(torch.randn(2, 3, 8, 8), torch.ones(2, 3))
+
+
+def test_a_dropped_quantizer_frees_its_network_without_the_garbage_collector():
+    """A job that evaluates one network after another must not keep them all (the evaluate job
+    held every pair of its arch this way): no reference cycle through the hooks."""
+    gc.disable()
+    try:
+        net = tiny_net()
+        q = quant.DynamicQuant(net, image_size=8)
+        with torch.no_grad():
+            q(torch.randn(2, 3, 8, 8), torch.full((2, 2), 6.0))
+        freed = weakref.ref(net)
+        del net, q
+        assert freed() is None
+    finally:
+        gc.enable()
 
 
 def test_cached_weights_follow_updates():
