@@ -81,8 +81,8 @@ def evaluate_arch(seed: int, arch: str, network: str | Path, pairs: Sequence[str
 
     ``network`` is the distilled white-box checkpoint, ``pairs`` every pair checkpoint of the arch
     (each knows its cell; Table 1 keeps their order); all must be ``arch``'s. Every (network, policy) combination is one
-    pass over the test set; each network's full-precision predictions are computed once and reused. One pair is
-    held in memory at a time: Table 3 loads the highlighted cell's two pairs again.
+    pass over the test set; each network's full-precision predictions are computed once and reused. Table 1 holds one
+    pair in memory at a time; Table 3 loads the highlighted cell's two pairs again.
     """
     rt, test = Runtime(seed, **runtime), Data(**dataset)
     loader = test.loader(test.build("test"), batch_size, rt)
