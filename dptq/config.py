@@ -173,6 +173,11 @@ def _cross_field_problems(cfg: Mapping):
             if isinstance(value, Mapping) and set(archs) - set(value):
                 yield (f"{section}.{key}: the map has no value for {sorted(set(archs) - set(value))} of kd.archs "
                        f"{archs}; give one value per arch, or one value for all")
+            per_arch = value if isinstance(value, Mapping) else {"every arch": value}
+            for arch, entry in per_arch.items():
+                if key in PER_MODE.get(section, ()) and isinstance(entry, Mapping) and set(pairs["modes"]) - set(entry):
+                    yield (f"{section}.{key}.{arch}: the map has no value for {sorted(set(pairs['modes']) - set(entry))} "
+                           f"of pairs.modes; give one value per mode, or one value for both")
     yield from budgets.problems(cfg)
 
 
@@ -180,6 +185,9 @@ def _cross_field_problems(cfg: Mapping):
 # MobileNetV4 at batch 64; on digits it needs more distillation epochs and its pairs a lower
 # learning rate).
 PER_ARCH = {"kd": ("epochs", "batch_size"), "pairs": ("epochs", "lr", "alpha")}
+# Of those, the settings whose value for an arch may be a map mode -> value: the KD weight holds
+# the detrimental pair's FP accuracy near W, which its hinge pulls away and the robust hinge does not.
+PER_MODE = {"pairs": ("alpha",)}
 
 
 def seeds(cfg: Mapping) -> list[int]:
@@ -188,12 +196,18 @@ def seeds(cfg: Mapping) -> list[int]:
     return [int(s) for s in seed] if isinstance(seed, Sequence) else [int(seed)]
 
 
-def section_for(cfg: Mapping, section: str, arch: str | None) -> dict:
-    """``cfg[section]`` with every per-arch key of :data:`PER_ARCH` resolved for ``arch``."""
+def section_for(cfg: Mapping, section: str, arch: str | None, mode: str | None = None) -> dict:
+    """``cfg[section]`` with every per-arch key of :data:`PER_ARCH` resolved for ``arch``, and
+    every per-mode one of :data:`PER_MODE` for ``mode``."""
     out = dict(cfg[section])
     for key in PER_ARCH.get(section, ()):
         if isinstance(out.get(key), Mapping):
             out[key] = out[key][arch]
+    for key in PER_MODE.get(section, ()):
+        if isinstance(out.get(key), Mapping):
+            if mode is None:
+                raise ValueError(f"{section}.{key} is one value per mode for {arch}; name the mode")
+            out[key] = out[key][mode]
     return out
 
 

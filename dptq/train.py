@@ -532,8 +532,8 @@ def train_pair(seed: int, arch: str, version: str, budget: str, mode: str, netwo
                metrics: str | Path, *, dataset: Mapping, runtime: Mapping, quant: Mapping, pairs: Mapping,
                temperature: float, val_batch_size: int) -> None:
     """``pairs``: the pairs section with this cell's version range, budget level and offset
-    (``versions.{version}``, ``budgets.{budget}``, ``budget_offset.{version}``) and per-arch values
-    resolved."""
+    (``versions.{version}``, ``budgets.{budget}``, ``budget_offset.{version}``) and per-arch and
+    per-mode values resolved."""
     rt, data = Runtime(seed, **runtime), Data(**dataset)
     ckpt = checkpoint.load(network, kind="distill", arch=arch, recover=f"re-run the distillation of {arch}")
     cell = dict(version=version, budget=budget, mode=mode, bit_range=pairs["versions"][version],

@@ -69,10 +69,14 @@ class Keys(dict):
 
 def section_keys(section, grid=()):
     """Every key of ``config[section]`` but the ``grid`` ones, as dotted paths; a per-arch setting
-    (``dptq.config.PER_ARCH``) as its ``{arch}`` entry."""
+    (``dptq.config.PER_ARCH``) as its ``{arch}`` entry, a per-mode one (``PER_MODE``) as its
+    ``{arch}.{mode}`` entry: a job tracks its own value only."""
     per_arch = dptq.config.PER_ARCH.get(section, ())
+    per_mode = dptq.config.PER_MODE.get(section, ())
     return [
-        f"{section}.{k}" + (".{arch}" if k in per_arch else "")
+        f"{section}.{k}"
+        + (".{arch}" if k in per_arch else "")
+        + (".{mode}" if k in per_mode else "")
         for k in config[section]
         if k not in grid
     ]
