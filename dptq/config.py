@@ -96,6 +96,10 @@ def _describe(error: jsonschema.ValidationError) -> str:
         deepest = max(error.context, key=lambda e: len(e.absolute_path), default=None)
         if deepest is not None and len(deepest.absolute_path) > len(error.absolute_path):
             return _describe(deepest)
+        # a value of one form's type that breaks that form's rules (a map with an unknown key)
+        matched = [e for e in error.context if e.validator != "type"]
+        if matched:
+            return _describe(matched[0])
         defs = schema()["$defs"]
         forms = [defs[s["$ref"].rpartition("/")[2]] if "$ref" in s else s for s in error.validator_value]
         return f"{where}: {value!r} has the wrong form; allowed: one of {[f.get('type', f) for f in forms]}"

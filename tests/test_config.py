@@ -35,6 +35,21 @@ def test_per_arch_settings_resolve_for_the_arch():
     assert config.section_for(per_epoch, "kd", "regnetx_016") == {"epochs": 40, "batch_size": 64}
 
 
+def test_per_mode_settings_resolve_for_the_arch_and_mode():
+    cfg = {"pairs": {"alpha": {"resnet18": 1.0, "regnetx_016": {"robust": 2.0, "detrimental": 3.0}}, "lr": 0.03}}
+    assert config.section_for(cfg, "pairs", "regnetx_016", "detrimental") == {"alpha": 3.0, "lr": 0.03}
+    assert config.section_for(cfg, "pairs", "regnetx_016", "robust")["alpha"] == 2.0
+    assert config.section_for(cfg, "pairs", "resnet18", "robust")["alpha"] == 1.0
+    assert config.section_for({"pairs": {"alpha": 0.5}}, "pairs", "resnet18", "detrimental")["alpha"] == 0.5
+    with pytest.raises(ValueError, match="pairs.alpha is one value per mode for regnetx_016"):
+        config.section_for(cfg, "pairs", "regnetx_016")
+    # a job declares its own mode's entry and so never sees (nor re-runs for) the other one
+    declared = config.declared(cfg, ["pairs.alpha.regnetx_016.robust"])
+    assert declared == {"pairs": {"alpha": {"regnetx_016": {"robust": 2.0}}}}
+    assert config.section_for(declared, "pairs", "regnetx_016", "robust")["alpha"] == 2.0
+    assert config.declared(cfg, ["pairs.alpha.resnet18.robust"]) == {"pairs": {"alpha": {"resnet18": 1.0}}}
+
+
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(config.ConfigError, match="not found"):
         config.load([tmp_path / "nope.yaml"])

@@ -60,8 +60,8 @@ def test_dvc_stage_runs_the_rules_command_and_lists_its_keys():
     assert option["--network"] == "checkpoints/seed0/distill/mobilenetv4_conv_medium.pt"
     keys = cmd[cmd.index("--keys") + 1:cmd.index("--log")]
     # one entry of each per-arch map and of the grid's own maps, never the whole map
-    assert {"pairs.lr.mobilenetv4_conv_medium", "pairs.versions.II", "pairs.budgets.B", "pairs.budget_offset.II",
-            "kd.temperature", "evaluate.batch_size"} <= set(keys)
+    assert {"pairs.lr.mobilenetv4_conv_medium", "pairs.alpha.mobilenetv4_conv_medium.detrimental", "pairs.versions.II",
+            "pairs.budgets.B", "pairs.budget_offset.II", "kd.temperature", "evaluate.batch_size"} <= set(keys)
     assert not {"pairs.lr", "pairs.versions", "pairs.budgets", "kd", "pairs", "evaluate"} & set(keys)
     assert pair["params"] == [{"config.yaml": keys}]
     assert pair["outs"] == ["checkpoints/seed0/pair/mobilenetv4_conv_medium/II/B/detrimental.pt",
@@ -75,6 +75,9 @@ def test_dvc_params_follow_the_profile_that_sets_each_key():
     assert dvc.param_key({"pairs": {"lr": 0.1}}, "pairs.lr.resnet18") == "pairs.lr"
     assert dvc.param_key({"pairs": {"lr": {"resnet18": 0.1}}}, "pairs.lr.resnet18") == "pairs.lr.resnet18"
     assert dvc.param_key({"pairs": {"margin": 0.1}}, "pairs.lr.resnet18") is None
+    # a per-mode entry: the robust job tracks its own value, not the detrimental one
+    alpha = {"pairs": {"alpha": {"resnet18": {"robust": 1.0, "detrimental": 3.0}}}}
+    assert dvc.param_key(alpha, "pairs.alpha.resnet18.robust") == "pairs.alpha.resnet18.robust"
     assert dvc.param_key({"dataset": {"image_size": 16}}, "dataset") == "dataset"
 
 
