@@ -202,15 +202,13 @@ def seeds(cfg: Mapping) -> list[int]:
 
 def section_for(cfg: Mapping, section: str, arch: str | None, mode: str | None = None) -> dict:
     """``cfg[section]`` with every per-arch key of :data:`PER_ARCH` resolved for ``arch``, and
-    every per-mode one of :data:`PER_MODE` for ``mode``."""
+    with ``mode`` given, every per-mode one of :data:`PER_MODE` for it."""
     out = dict(cfg[section])
     for key in PER_ARCH.get(section, ()):
         if isinstance(out.get(key), Mapping):
             out[key] = out[key][arch]
-    for key in PER_MODE.get(section, ()):
+    for key in PER_MODE.get(section, ()) if mode is not None else ():
         if isinstance(out.get(key), Mapping):
-            if mode is None:
-                raise ValueError(f"{section}.{key} is one value per mode for {arch}; name the mode")
             out[key] = out[key][mode]
     return out
 

@@ -41,8 +41,7 @@ def test_per_mode_settings_resolve_for_the_arch_and_mode():
     assert config.section_for(cfg, "pairs", "regnetx_016", "robust")["alpha"] == 2.0
     assert config.section_for(cfg, "pairs", "resnet18", "robust")["alpha"] == 1.0
     assert config.section_for({"pairs": {"alpha": 0.5}}, "pairs", "resnet18", "detrimental")["alpha"] == 0.5
-    with pytest.raises(ValueError, match="pairs.alpha is one value per mode for regnetx_016"):
-        config.section_for(cfg, "pairs", "regnetx_016")
+    assert config.section_for(cfg, "pairs", "regnetx_016")["alpha"] == {"robust": 2.0, "detrimental": 3.0}
     # a job declares its own mode's entry and so never sees (nor re-runs for) the other one
     declared = config.declared(cfg, ["pairs.alpha.regnetx_016.robust"])
     assert declared == {"pairs": {"alpha": {"regnetx_016": {"robust": 2.0}}}}
