@@ -132,3 +132,26 @@ def test_conda_env_and_installed_versions_match_requirements():
     assert conda and all(required.get(name) == version for name, version in conda.items()), (conda, required)
     installed = {name: metadata.version(name) for name in required}
     assert installed == required
+
+
+def test_the_cores_option_changes_no_number(tmp_path):
+    """`--cores` only decides how many jobs run at once: a job's torch threads are `runtime.threads`
+    even when Snakemake scales the job's threads (and OMP_NUM_THREADS) down to fit the cores.
+    The smoke teacher at two torch threads, run with --cores 1 and --cores 2: the same weights."""
+    import pandas as pd
+    import torch
+
+    from conftest import copy_project
+
+    trained = {}
+    for cores in (1, 2):
+        workdir = copy_project(tmp_path / f"cores{cores}", smoke=True)
+        cfg = yaml.safe_load((workdir / "config.yaml").read_text())
+        cfg["runtime"]["threads"] = 2
+        (workdir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        run([str(BIN / "snakemake"), "--cores", str(cores), "checkpoints/seed0/teacher.pt"], workdir, 600)
+        metrics = pd.read_csv(workdir / "checkpoints/seed0/teacher.csv").drop(columns="seconds")
+        trained[cores] = torch.load(workdir / "checkpoints/seed0/teacher.pt", weights_only=True)["model"], metrics
+    (one, one_metrics), (two, two_metrics) = trained[1], trained[2]
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    pd.testing.assert_frame_equal(one_metrics, two_metrics)
