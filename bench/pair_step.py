@@ -2,6 +2,7 @@
 
     python bench/pair_step.py [--archs resnet18 ...] [--size 32] [--batch 64] [--threads 1]
                               [--device cpu|cuda] [--repeats 5] [--no-channels-last] [--teacher resnet50]
+                              [--profile STEPS]
 
 Per arch, at one batch size (on CUDA under bf16 autocast, as the training runs):
 
@@ -15,6 +16,9 @@ Per arch, at one batch size (on CUDA under bf16 autocast, as the training runs):
 - ``teacher fwd``: the teacher's forward (``--teacher``); ``distill``: teacher forward + the student's
   step on the KD loss; its efficiency is (plain + teacher fwd) / distill;
 - ``infer fp`` and ``infer q``: evaluation forwards (the quantized one with its allocation).
+
+``--profile STEPS`` then runs STEPS pair steps under ``torch.profiler`` and prints the operators
+that take the most self time, where a pair step's time beyond the plain step's goes.
 """
 import argparse
 import copy
@@ -28,9 +32,11 @@ from dptq.policy import BitPolicy, allocate
 from dptq.quant import DynamicQuant
 
 def step_times(arch: str, size: int, batch: int, device: torch.device, repeats: int = 5, channels_last: bool = True,
-               only: set[str] | None = None, teacher_arch: str = "resnet50") -> tuple[int, dict[str, float]]:
+               only: set[str] | None = None, teacher_arch: str = "resnet50",
+               profile_steps: int = 0) -> tuple[int, dict[str, float]]:
     """(N, {step: median ms}) for one arch at ``size`` px and ``batch`` images per step
-    (every step of the module docstring, or the ``only`` ones)."""
+    (every step of the module docstring, or the ``only`` ones); with ``profile_steps``, also
+    print the pair step's operator profile over that many steps."""
     rt = bench_runtime(device, channels_last)
     fmt = rt.memory_format
     plain_student = timm.create_model(arch, num_classes=10).to(device, memory_format=fmt).eval()
@@ -105,7 +111,24 @@ def step_times(arch: str, size: int, batch: int, device: torch.device, repeats: 
              ("teacher fwd", teacher_forward), ("distill", distill), ("infer fp", infer_fp), ("infer q", infer_q)]
     if any(isinstance(m, runtime.OnePixelConv2d) for m in student.modules()):
         steps.append(("unfolded", pair_unfolded))
-    return quant.num_layers, {name: median_ms(fn, device, repeats) for name, fn in steps if only is None or name in only}
+    times = {name: median_ms(fn, device, repeats) for name, fn in steps if only is None or name in only}
+    if profile_steps:
+        print(f"{arch}: the pair step's operators over {profile_steps} steps, by self time", flush=True)
+        print(operator_profile(pair, profile_steps, device), flush=True)
+    return quant.num_layers, times
+
+
+def operator_profile(fn, steps: int, device: torch.device, rows: int = 20) -> str:
+    """``torch.profiler``'s operator table of ``steps`` calls of ``fn`` (after one warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
 def main():
@@ -118,6 +141,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--teacher", default="resnet50")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS", help="profile this many pair steps per arch")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -126,7 +150,8 @@ def main():
           f"{'teacher':>9}{'distill':>9}{'(plain+teacher)/':>18}")
     print(f"{'':<24}{'':>4}{'ms':>8}{'ms':>8}{'ms':>8}{'ms':>8}{'plain':>8}{'plain':>7}{'pair':>11}{'fwd ms':>9}{'ms':>9}{'distill':>18}")
     for arch in args.archs:
-        n, t = step_times(arch, args.size, args.batch, device, args.repeats, args.channels_last, teacher_arch=args.teacher)
+        n, t = step_times(arch, args.size, args.batch, device, args.repeats, args.channels_last, teacher_arch=args.teacher,
+                          profile_steps=args.profile)
         unfolded = f"{t['unfolded'] / t['pair']:.2f}" if "unfolded" in t else "-"
         print(f"{arch:<24}{n:>4}{t['plain']:>8.1f}{t['quant']:>8.1f}{t['alloc']:>8.1f}{t['pair']:>8.1f}"
               f"{t['quant'] / t['plain']:>8.2f}{t['pair'] / t['plain']:>7.2f}{unfolded:>11}"
