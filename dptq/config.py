@@ -177,9 +177,11 @@ def _cross_field_problems(cfg: Mapping):
             if isinstance(value, Mapping) and set(archs) - set(value):
                 yield (f"{section}.{key}: the map has no value for {sorted(set(archs) - set(value))} of kd.archs "
                        f"{archs}; give one value per arch, or one value for all")
-            per_arch = value if isinstance(value, Mapping) else {"every arch": value}
-            for arch, entry in per_arch.items():
-                if key in PER_MODE.get(section, ()) and isinstance(entry, Mapping) and set(pairs["modes"]) - set(entry):
+    for section, keys in PER_MODE.items():
+        for key in keys:
+            value = cfg[section][key]
+            for arch, entry in value.items() if isinstance(value, Mapping) else ():
+                if isinstance(entry, Mapping) and set(pairs["modes"]) - set(entry):
                     yield (f"{section}.{key}.{arch}: the map has no value for {sorted(set(pairs['modes']) - set(entry))} "
                            f"of pairs.modes; give one value per mode, or one value for both")
     yield from budgets.problems(cfg)

@@ -4,9 +4,11 @@ lint-clean, the generated dvc.yaml current, the seed axis, and each job's comman
 import re
 from importlib import metadata
 
+import pandas as pd
+import torch
 import yaml
 
-from conftest import BIN, ROOT, run
+from conftest import BIN, ROOT, copy_project, run
 
 # Jobs per rule on the default config (docs/method.md §1): 3 archs, 3 versions x 3 budgets x 2 modes,
 # and the audit of the first seed's three W networks.
@@ -138,11 +140,6 @@ def test_the_cores_option_changes_no_number(tmp_path):
     """`--cores` only decides how many jobs run at once: a job's torch threads are `runtime.threads`
     even when Snakemake scales the job's threads (and OMP_NUM_THREADS) down to fit the cores.
     The smoke teacher at two torch threads, run with --cores 1 and --cores 2: the same weights."""
-    import pandas as pd
-    import torch
-
-    from conftest import copy_project
-
     trained = {}
     for cores in (1, 2):
         workdir = copy_project(tmp_path / f"cores{cores}", smoke=True)
