@@ -70,7 +70,8 @@ def fake_quant_weight(w: Tensor, bits: int = 16) -> Tensor:
     straight-through (one fused function: the weights of a network are large, keep passes few).
     """
     qmax = 2 ** (bits - 1) - 1
-    scale = (w.detach().abs().amax() / qmax).clamp_min(SCALE_FLOOR)
+    lo, hi = torch.aminmax(w.detach())  # max|w| in one pass, without an |w| copy of the weights
+    scale = (torch.maximum(hi, -lo) / qmax).clamp_min(SCALE_FLOOR)
     return _RoundWeight.apply(w, scale, qmax)
 
 
@@ -102,6 +103,18 @@ def activation_range(x: Tensor, scale_rule: str = "minmax", percentile: float = 
     return lo.clamp(max=0), hi.clamp(min=0)
 
 
+def _rounded(x: Tensor, scale: Tensor, zero_point: Tensor, divide: bool) -> Tensor:
+    """round(x / s) + z as ONNX's DynamicQuantizeLinear (``divide``), else as torch: round(x · (1/s) + z), half to even."""
+    if divide:
+        return torch.div(x, scale).round_().add_(zero_point)
+    return torch.addcmul(zero_point, x, 1.0 / scale).round_()
+
+
+def _dequantized(q: Tensor, scale: Tensor, zero_point: Tensor, levels: Tensor) -> Tensor:
+    """s (clamp(q, 0, L) - z), in place on ``q``."""
+    return torch.minimum(q.clamp_(min=0), levels).sub_(zero_point).mul_(scale)
+
+
 class _FakeQuantActivation(torch.autograd.Function):
     """x̂ = s (clamp(round(x / s + z), 0, L) - z) with the LSQ gradients, in few passes.
 
@@ -112,13 +125,9 @@ class _FakeQuantActivation(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor, levels: Tensor, divide: bool) -> Tensor:
-        if divide:  # as ONNX DynamicQuantizeLinear: round(x / s) + z
-            q = torch.div(x, scale).round_().add_(zero_point)
-        else:  # as torch: x · (1/s) + z, half to even
-            q = torch.addcmul(zero_point, x, 1.0 / scale).round_()
+        q = _rounded(x, scale, zero_point, divide)
         inside = (q >= 0) & (q <= levels)
-        q = torch.minimum(q.clamp_(min=0), levels)
-        out = q.sub_(zero_point).mul_(scale)
+        out = _dequantized(q, scale, zero_point, levels)
         ctx.save_for_backward(x, out, inside, scale)
         return out
 
@@ -157,7 +166,12 @@ def fake_quant_activation(x: Tensor, bits: Tensor, scale_rule: str = "minmax", p
     levels, scale, zero_point = (t.reshape(shape) for t in (levels, scale, zero_point))
     if rounding not in ROUNDINGS:
         raise ValueError(f"quant: unknown rounding {rounding!r}; use one of {ROUNDINGS}")
-    return _FakeQuantActivation.apply(x.to(dtype), scale, zero_point, levels.detach(), rounding == "onnx").to(x.dtype)
+    wide, divide, levels = x.to(dtype), rounding == "onnx", levels.detach()
+    if torch.is_grad_enabled() and (wide.requires_grad or scale.requires_grad):
+        out = _FakeQuantActivation.apply(wide, scale, zero_point, levels, divide)
+    else:  # inference: the same values without the masks a backward would need
+        out = _dequantized(_rounded(wide, scale, zero_point, divide), scale, zero_point, levels)
+    return out.to(x.dtype)
 
 
 class DynamicQuant:

@@ -95,6 +95,20 @@ def test_activation_matches_float64_formula():
         assert torch.allclose(y[i], expected, atol=1e-9 * s, rtol=0), i
 
 
+@pytest.mark.parametrize("rounding", quant.ROUNDINGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_path_gives_the_training_paths_values(rounding, dtype):
+    """Without autograd the quantizer skips the masks a backward needs; the values must not move."""
+    x = activation_batch().to(dtype)
+    bits = torch.tensor([3.0, 4, 5, 6, 8, 10, 2])
+    trained = quant.fake_quant_activation(x.clone().requires_grad_(True), bits, rounding=rounding)
+    with torch.no_grad():
+        inferred = quant.fake_quant_activation(x, bits, rounding=rounding)
+    assert trained.requires_grad and not inferred.requires_grad
+    assert trained.dtype == inferred.dtype == dtype
+    assert torch.equal(trained.detach(), inferred)
+
+
 def test_degenerate_examples_are_finite_and_zero_stays_zero():
     x = torch.zeros(3, 2, 4, 4)
     x[1] = 2.5
