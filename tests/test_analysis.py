@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import timm
 import torch
 from torch.utils.data import Subset
 
 from dptq import analysis, budgets, checkpoint, config, data, evaluate, models, tables
 from dptq.policy import BitPolicy
+from dptq.quant import DynamicQuant
 
 torch.set_num_threads(1)
 # torchvision 0.29 deprecates its JPEG coder (used by v2.JPEG) in favour of torchcodec
@@ -22,6 +24,49 @@ ROOT = Path(__file__).resolve().parents[1]
 ARCH = "test_resnet"
 N = models.num_quantizable_layers(ARCH)
 SEED = 3  # the training seed: every CSV's first column; the data subsets do not depend on it
+
+
+# --- the layer scan's shared prefix --------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenetv4_conv_medium", "regnetx_016", "efficientnet_b0"])
+def test_a_replayed_run_equals_the_full_run_bit_for_bit(arch):
+    model = timm.create_model(arch, num_classes=10).eval()
+    quant = DynamicQuant(model, image_size=32)
+    n = quant.num_layers
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    bits = torch.randint(3, 9, (4, n)).float()
+    masks = [analysis.scan_masks(n, kind, layer) for kind in analysis.SCANS for layer in (1, 2, n // 2, n - 1, n)]
+    with torch.no_grad():
+        full = [quant(x, bits, mask) for mask in masks]
+        with analysis.SharedPrefix(quant) as prefix:
+            for reference in ([True] * n, [False] * n):
+                assert torch.equal(prefix.reference(lambda: quant(x, bits, reference)), quant(x, bits, reference))
+                for mask, expected in zip(masks, full):
+                    agree = analysis.agreement(mask, reference)
+                    assert torch.equal(prefix.replay(lambda: quant(x, bits, mask), agree), expected), (mask, agree)
+        assert torch.equal(quant(x, bits, masks[3]), full[3])  # nothing left behind
+
+
+def test_a_replay_skips_the_agreeing_prefix():
+    """Claiming agreement the run does not have returns the reference's values: the prefix is really skipped."""
+    quant = DynamicQuant(timm.create_model("resnet18", num_classes=10).eval(), image_size=32)
+    n, x = quant.num_layers, torch.randn(2, 3, 32, 32)
+    bits = torch.full((2, n), 3.0)
+    calls = []
+    quant.layers[0].register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad(), analysis.SharedPrefix(quant) as prefix:
+        quantized = prefix.reference(lambda: quant(x, bits))
+        fp = quant(x, bits, [False] * n)
+        calls.clear()
+        assert torch.equal(prefix.replay(lambda: quant(x, bits, [False] * n), n), quantized)
+        assert not calls  # not even the first layer ran
+        assert torch.equal(prefix.replay(lambda: quant(x, bits, [False] * n), 0), fp)
+        assert calls
+
+
+@pytest.mark.parametrize("mask,reference,expected", [([1, 1, 0], [1, 1, 1], 2), ([0, 1], [1, 1], 0), ([1, 0], [1, 0], 2)])
+def test_agreement_counts_the_leading_equal_layers(mask, reference, expected):
+    assert analysis.agreement([bool(m) for m in mask], [bool(r) for r in reference]) == expected
 
 
 # --- scan masks ----------------------------------------------------------------------------------
