@@ -68,7 +68,28 @@ class OnePixelConv2d(nn.Conv2d):
         if tuple(x.shape[-2:]) != self.input_hw:
             return super()._conv_forward(x, weight, bias)
         (h, w), (ph, pw) = self.input_hw, self.padding
-        return F.conv2d(x, weight[:, :, ph:ph + h, pw:pw + w], bias, groups=self.groups)
+        return F.conv2d(x, _KernelWindow.apply(weight, ph, pw, h, w), bias, groups=self.groups)
+
+
+class _KernelWindow(torch.autograd.Function):
+    """w[:, :, p_h:p_h+H, p_w:p_w+W] (a view), whose gradient is laid out like w.
+
+    Slicing's own backward builds a contiguous zero gradient, which the accumulation into a
+    channels_last weight's ``.grad`` then copies once more: ResNet18's last stage at 32 px moved
+    3 x 9.4 MB a step for nothing (bench/NOTES.md §11).
+    """
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, ph: int, pw: int, h: int, w: int) -> Tensor:
+        ctx.layout = (weight.shape, weight.stride(), weight.dtype, weight.device, ph, pw, h, w)
+        return weight[:, :, ph:ph + h, pw:pw + w]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        shape, stride, dtype, device, ph, pw, h, w = ctx.layout
+        full = torch.empty_strided(shape, stride, dtype=dtype, device=device).zero_()
+        full[:, :, ph:ph + h, pw:pw + w] = grad
+        return full, None, None, None, None
 
 
 def fold_one_pixel_convs(model: nn.Module, image_size: int) -> int:

@@ -70,6 +70,18 @@ def test_fold_is_exact_where_it_applies(side, conv, applies):
         assert folded.conv.weight.grad[dead].abs().max() == 0
 
 
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_the_folded_weight_gradient_arrives_laid_out_like_the_weight(memory_format):
+    """A gradient in another layout than its weight's is copied once more when accumulated."""
+    torch.manual_seed(0)
+    folded = Tail(nn.Conv2d(8, 6, 3, padding=1), 1).to(memory_format=memory_format)
+    runtime.fold_one_pixel_convs(folded, 8)
+    arrived = []
+    folded.conv.weight.register_hook(lambda grad: arrived.append(grad.stride()))
+    folded(torch.randn(4, 3, 8, 8)).sum().backward()
+    assert arrived == [folded.conv.weight.stride()]
+
+
 def test_other_input_sizes_take_the_ordinary_path():
     torch.manual_seed(0)
     plain = Tail(nn.Conv2d(8, 6, 3, padding=1), 1).double()
