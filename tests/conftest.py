@@ -26,13 +26,14 @@ def tool_env() -> dict:
             "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def run(args: list[str], cwd: Path, timeout_s: int = SMOKE_TIMEOUT_S, check: bool = True) -> subprocess.CompletedProcess:
+def run(args: list[str], cwd: Path, timeout_s: int = SMOKE_TIMEOUT_S, check: bool = True,
+        env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a tool of the venv (``snakemake``, ``dvc``, ``python`` ...) with stderr folded into stdout.
 
     ``timeout -s KILL``: a hung child must not hang the suite. ``check`` asserts exit 0 and
-    shows the output's tail otherwise.
+    shows the output's tail otherwise. ``env``: instead of :func:`tool_env`.
     """
-    out = subprocess.run(["timeout", "-s", "KILL", str(timeout_s), *args], cwd=cwd, env=tool_env(),
+    out = subprocess.run(["timeout", "-s", "KILL", str(timeout_s), *args], cwd=cwd, env=env or tool_env(),
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if check:
         assert out.returncode == 0, f"{' '.join(args)} exited {out.returncode} in {cwd}:\n{out.stdout[-8000:]}"

@@ -8,7 +8,7 @@ import pandas as pd
 import torch
 import yaml
 
-from conftest import BIN, ROOT, copy_project, run
+from conftest import BIN, ROOT, copy_project, run, tool_env
 
 # Jobs per rule on the default config (docs/method.md §1): 3 archs, 3 versions x 3 budgets x 2 modes,
 # and the audit of the first seed's three W networks.
@@ -139,14 +139,17 @@ def test_conda_env_and_installed_versions_match_requirements():
 def test_the_cores_option_changes_no_number(tmp_path):
     """`--cores` only decides how many jobs run at once: a job's torch threads are `runtime.threads`
     even when Snakemake scales the job's threads (and OMP_NUM_THREADS) down to fit the cores.
-    The smoke teacher at two torch threads, run with --cores 1 and --cores 2: the same weights."""
+    The smoke teacher at two torch threads, run with --cores 1 and --cores 2: the same weights.
+    The --cores 1 run also has no venv on PATH, as the README's `.venv/bin/snakemake` has not:
+    its job must still find the venv's python."""
     trained = {}
     for cores in (1, 2):
         workdir = copy_project(tmp_path / f"cores{cores}", smoke=True)
         cfg = yaml.safe_load((workdir / "config.yaml").read_text())
         cfg["runtime"]["threads"] = 2
         (workdir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-        run([str(BIN / "snakemake"), "--cores", str(cores), "checkpoints/seed0/teacher.pt"], workdir, 600)
+        env = {**tool_env(), "PATH": "/usr/bin:/bin"} if cores == 1 else None
+        run([str(BIN / "snakemake"), "--cores", str(cores), "checkpoints/seed0/teacher.pt"], workdir, 600, env=env)
         metrics = pd.read_csv(workdir / "checkpoints/seed0/teacher.csv").drop(columns="seconds")
         trained[cores] = torch.load(workdir / "checkpoints/seed0/teacher.pt", weights_only=True)["model"], metrics
     (one, one_metrics), (two, two_metrics) = trained[1], trained[2]

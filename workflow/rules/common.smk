@@ -13,6 +13,17 @@ from snakemake.utils import validate
 
 import dptq.config
 
+
+# Jobs call `python`: let it be the one running Snakemake (`.venv/bin/snakemake` works without
+# activating the venv); a --use-conda environment still comes first once activated.
+envvars:
+    "PATH",
+
+
+os.environ["PATH"] = os.pathsep.join(
+    [os.path.dirname(sys.executable), os.environ["PATH"]]
+)
+
 # The config files in overlay order; jobs read them, so the merged config must come from files.
 CONFIGS = [
     os.path.relpath(f)
