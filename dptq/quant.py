@@ -63,6 +63,11 @@ class _RoundWeight(torch.autograd.Function):
         return grad, None, None
 
 
+def _in_memory_order(t: Tensor) -> Tensor:
+    """A view of the dense tensor ``t`` with its dims in stride order: contiguous in any memory format."""
+    return t.permute(sorted(range(t.dim()), key=lambda d: -t.stride(d)))
+
+
 def fake_quant_weight(w: Tensor, bits: int = 16) -> Tensor:
     """Symmetric per-tensor fake quant: s = max|w| / (2^(b-1) - 1), ŵ = s · clamp(round(w/s), -q, q).
 
@@ -70,7 +75,9 @@ def fake_quant_weight(w: Tensor, bits: int = 16) -> Tensor:
     straight-through (one fused function: the weights of a network are large, keep passes few).
     """
     qmax = 2 ** (bits - 1) - 1
-    lo, hi = torch.aminmax(w.detach())  # max|w| in one pass, without an |w| copy of the weights
+    # max|w| = max(max w, -min w) in one read: no |w| copy, and no contiguous copy of a
+    # channels_last weight (aminmax makes one unless the view it gets is contiguous)
+    lo, hi = torch.aminmax(_in_memory_order(w.detach()))
     scale = (torch.maximum(hi, -lo) / qmax).clamp_min(SCALE_FLOOR)
     return _RoundWeight.apply(w, scale, qmax)
 
