@@ -10,12 +10,15 @@ no loop over examples.
 """
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+
+from .runtime import OnePixelConv2d
 
 QUANTIZED_TYPES = (nn.Conv2d, nn.Linear)
 SCALE_FLOOR = 1e-8  # keeps an all-zero (dead ReLU) example finite: s >= floor, zero maps to zero
@@ -52,15 +55,16 @@ def quantizable_layers(model: nn.Module, image_size: int = 64, device: str | tor
 
 
 class _RoundWeight(torch.autograd.Function):
-    """ŵ = s · clamp(round(w / s), -q, q) forward, identity backward (straight-through)."""
+    """ŵ = s · round(w / s), clamped to [-q, q] only where ``clamp``; identity backward (straight-through)."""
 
     @staticmethod
-    def forward(ctx, w: Tensor, scale: Tensor, qmax: int) -> Tensor:
-        return (w / scale).round_().clamp_(-qmax, qmax).mul_(scale)
+    def forward(ctx, w: Tensor, scale: Tensor, qmax: int, clamp: bool) -> Tensor:
+        q = (w / scale).round_()
+        return (q.clamp_(-qmax, qmax) if clamp else q).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return grad, None, None
+        return grad, None, None, None
 
 
 def _in_memory_order(t: Tensor) -> Tensor:
@@ -68,18 +72,25 @@ def _in_memory_order(t: Tensor) -> Tensor:
     return t.permute(sorted(range(t.dim()), key=lambda d: -t.stride(d)))
 
 
-def fake_quant_weight(w: Tensor, bits: int = 16) -> Tensor:
-    """Symmetric per-tensor fake quant: s = max|w| / (2^(b-1) - 1), ŵ = s · clamp(round(w/s), -q, q).
+def fake_quant_weight(w: Tensor, bits: int = 16, scale_of: Tensor | None = None) -> Tensor:
+    """Symmetric per-tensor fake quant: s = max|m| / q with q = 2^(b-1) - 1, ŵ = s · clamp(round(w/s), -q, q).
 
-    |w / s| <= q by construction, so the clamp only guards float noise; the gradient is
-    straight-through (one fused function: the weights of a network are large, keep passes few).
+    m is ``scale_of`` (default ``w`` itself): a part of a weight, such as a one-pixel
+    convolution's kernel window, is quantized alone with its whole weight's scale. The gradient
+    is straight-through.
+
+    The clamp is skipped where it cannot act: |w| <= max|m| and s >= max|m| / q up to rounding, so
+    |w / s| <= q (1 + ε) with ε = ``torch.finfo(dtype).eps``, below q + 1/2 while q ε < 1/2
+    (kept at < 1/4; float32 at b <= 16 has q ε < 0.004), and round(w / s) never leaves [-q, q].
+    The weights of a network are large: keep passes over them few.
     """
     qmax = 2 ** (bits - 1) - 1
-    # max|w| = max(max w, -min w) in one read: no |w| copy, and no contiguous copy of a
+    m = (w if scale_of is None else scale_of).detach()
+    # max|m| = max(max m, -min m) in one read: no |m| copy, and no contiguous copy of a
     # channels_last weight (aminmax makes one unless the view it gets is contiguous)
-    lo, hi = torch.aminmax(_in_memory_order(w.detach()))
+    lo, hi = torch.aminmax(_in_memory_order(m))
     scale = (torch.maximum(hi, -lo) / qmax).clamp_min(SCALE_FLOOR)
-    return _RoundWeight.apply(w, scale, qmax)
+    return _RoundWeight.apply(w, scale, qmax, qmax * torch.finfo(w.dtype).eps >= 0.25)
 
 
 def activation_range(x: Tensor, scale_rule: str = "minmax", percentile: float = 99.9,
@@ -197,7 +208,8 @@ class DynamicQuant:
         self.layers = list(layers) if layers is not None else quantizable_layers(model, image_size)
         self.weight_bits, self.scale_rule, self.percentile, self.range_grad = weight_bits, scale_rule, percentile, range_grad
         self.rounding = rounding
-        self.weight_names = [f"{name}.weight" for name, m in model.named_modules() if isinstance(m, QUANTIZED_TYPES)]
+        self._owners = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, QUANTIZED_TYPES)}
+        self.weight_names = list(self._owners)
         self._bits: Tensor | None = None
         self._mask: list[bool] = []
         self._weight_cache: dict[str, tuple] = {}
@@ -223,24 +235,37 @@ class DynamicQuant:
             return (x, *args[1:])
         return quantize_input
 
-    def quantized_weights(self) -> dict[str, Tensor]:
-        """Fake-quantized weights; without autograd they are cached until a weight changes."""
-        params = dict(self.model.named_parameters())
+    def _quantized(self, name: str, weight: Tensor, part: Tensor | None = None) -> Tensor:
+        """``part`` of ``weight`` (all of it by default) fake-quantized with the whole weight's scale;
+        without autograd, cached until the weight changes."""
+        part = weight if part is None else part
         if torch.is_grad_enabled():
-            return {name: fake_quant_weight(params[name], self.weight_bits) for name in self.weight_names}
-        for name in self.weight_names:
-            key = (params[name]._version, params[name].data_ptr(), self.weight_bits)
-            if self._weight_cache.get(name, (None,))[0] != key:
-                self._weight_cache[name] = (key, fake_quant_weight(params[name].detach(), self.weight_bits))
-        return {name: self._weight_cache[name][1] for name in self.weight_names}
+            return fake_quant_weight(part, self.weight_bits, scale_of=weight)
+        key = (weight._version, weight.data_ptr(), self.weight_bits, part.shape)
+        cached = self._weight_cache.get(name)
+        if cached is None or cached[0] != key:
+            cached = self._weight_cache[name] = (key, fake_quant_weight(part.detach(), self.weight_bits, weight.detach()))
+        return cached[1]
+
+    def quantized_weights(self) -> dict[str, Tensor]:
+        """Fake-quantized weights of every layer but the one-pixel convolutions, which quantize
+        only their kernel window, as they run (:class:`dptq.runtime.OnePixelConv2d`)."""
+        params = dict(self.model.named_parameters())
+        return {name: self._quantized(name, params[name]) for name in self.weight_names
+                if not isinstance(self._owners[name], OnePixelConv2d)}
 
     def __call__(self, x: Tensor, bits: Tensor, mask: Sequence[bool] | None = None) -> Tensor:
         if bits.shape != (x.shape[0], self.num_layers):
             raise ValueError(f"bits must have shape [B={x.shape[0]}, N={self.num_layers}], got {tuple(bits.shape)}")
         weights = self.quantized_weights()
+        windowed = [(name, self._owners[name]) for name in self.weight_names if isinstance(self._owners[name], OnePixelConv2d)]
         self._bits = bits
         self._mask = [True] * self.num_layers if mask is None else [bool(m) for m in mask]
         try:
+            for name, module in windowed:
+                module.weight_quant = functools.partial(self._quantized, name)
             return functional_call(self.model, weights, (x,), strict=False)
         finally:
             self._bits = None
+            for _, module in windowed:
+                module.weight_quant = None

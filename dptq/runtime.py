@@ -3,7 +3,10 @@ and the exact rewrite of convolutions that see a single pixel (:class:`OnePixelC
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import random
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -28,6 +31,7 @@ class Runtime:
         # 32 px, bench/NOTES.md), as cuDNN's do under bf16
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         torch.set_num_threads(threads)
+        keep_freed_memory()
         random.seed(seed)
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
@@ -50,6 +54,24 @@ class Runtime:
         return module
 
 
+def keep_freed_memory() -> bool:
+    """Have glibc keep freed memory for the next step instead of returning it to the kernel.
+
+    A training step frees and allocates the same large blocks again (ResNet18's last-stage
+    weight gradients and quantized weights are 9.4 MB each). By default glibc maps such a block
+    freshly or trims it off the heap, so every step page-faults it in again (bench/NOTES.md §10,
+    §12). Thresholds: blocks below 32 MB (glibc's largest mmap threshold) come from the heap, and
+    up to 1 GB of free heap is kept. This changes no number. It returns False where the C
+    library has no ``mallopt`` (not glibc), and then the defaults stand.
+    """
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
 class OnePixelConv2d(nn.Conv2d):
     """A convolution whose window, at its one output position, covers its whole H x W input.
 
@@ -63,12 +85,19 @@ class OnePixelConv2d(nn.Conv2d):
     """
 
     input_hw: tuple[int, int]
+    # set by dptq.quant.DynamicQuant for a quantized pass: weight_quant(weight, part) fake-quantizes
+    # part of the weight with the whole weight's scale, so only the window is ever rounded
+    weight_quant: Callable[..., Tensor] | None = None
 
     def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        if tuple(x.shape[-2:]) != self.input_hw:
-            return super()._conv_forward(x, weight, bias)
         (h, w), (ph, pw) = self.input_hw, self.padding
-        return F.conv2d(x, _KernelWindow.apply(weight, ph, pw, h, w), bias, groups=self.groups)
+        one_pixel = tuple(x.shape[-2:]) == self.input_hw
+        part = _KernelWindow.apply(weight, ph, pw, h, w) if one_pixel else weight
+        if self.weight_quant is not None:
+            part = self.weight_quant(weight, part)
+        if not one_pixel:
+            return super()._conv_forward(x, part, bias)
+        return F.conv2d(x, part, bias, groups=self.groups)
 
 
 class _KernelWindow(torch.autograd.Function):

@@ -60,6 +60,36 @@ def test_weight_quant_matches_hand_formula():
     assert torch.allclose(w.grad, torch.ones_like(w))  # straight-through
 
 
+def test_weight_quant_never_needs_its_clamp_where_it_is_skipped():
+    """Weights at and next to ±max|w| over many magnitudes: the clamp-free float32 path gives
+    the clamped formula's values exactly; bf16, where the clamp can act, keeps it."""
+    gen = torch.Generator().manual_seed(1)
+    for bits in (2, 8, 16):
+        qmax = 2 ** (bits - 1) - 1
+        for magnitude in (1e-6, 1e-3, 0.37, 1.0, 3e4):
+            w = torch.randn(4096, generator=gen) * magnitude
+            top = w.abs().max()
+            w[:6] = torch.stack([top, -top, torch.nextafter(top, torch.tensor(0.0)), -torch.nextafter(top, torch.tensor(0.0)),
+                                 top * (1 - 0.5 / qmax), -top * (1 - 0.5 / qmax)])
+            scale = (top / qmax).clamp_min(quant.SCALE_FLOOR)
+            assert torch.equal(quant.fake_quant_weight(w, bits), (w / scale).round().clamp(-qmax, qmax) * scale)
+    w = torch.tensor([1.4140625, -1.4140625, 0.5], dtype=torch.bfloat16)  # w / s rounds to ±128 in bf16
+    scale = w.abs().max() / 127
+    assert (w / scale).round().abs().max() == 128
+    assert torch.equal(quant.fake_quant_weight(w, 8), (w / scale).round().clamp(-127, 127) * scale)
+
+
+def test_a_kernel_window_quantized_alone_equals_the_window_of_the_whole_weight():
+    w = torch.randn(16, 8, 3, 3).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    whole = quant.fake_quant_weight(w, 8)[:, :, 1:2, 1:2]
+    part = quant.fake_quant_weight(w[:, :, 1:2, 1:2], 8, scale_of=w)
+    assert torch.equal(part, whole)
+    grad = torch.randn_like(part)
+    g_whole, = torch.autograd.grad(whole, w, grad)
+    g_part, = torch.autograd.grad(part, w, grad)
+    assert torch.equal(g_part, g_whole)
+
+
 def activation_batch():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(7, 4, 6, 6, generator=gen) * torch.tensor([0.1, 1, 3, 10, 1, 1, 1]).view(-1, 1, 1, 1)

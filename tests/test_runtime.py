@@ -23,11 +23,13 @@ class Tail(nn.Module):
         return self.conv(self.stem(x))
 
 
-def grads_and_output(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    model.zero_grad()
+def grads_and_output(model: nn.Module, x: torch.Tensor, params: nn.Module | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``model(x)`` and the gradients of ``params`` (default: the model's) of a fixed linear loss."""
+    params = model if params is None else params
+    params.zero_grad()
     out = model(x)
     (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
-    return out.detach(), [p.grad.clone() for p in model.parameters()]
+    return out.detach(), [p.grad.clone() for p in params.parameters()]
 
 
 def assert_same_outputs_and_grads(plain: nn.Module, folded: nn.Module, x: torch.Tensor, out_tol: float,
@@ -108,6 +110,27 @@ def test_timm_network_folded_equals_plain_full_precision_and_quantized(arch):
     assert_same_outputs_and_grads(plain, folded, x, 1e-10, 1e-9, 1e-10)
     bits = torch.randint(3, 9, (3, q_plain.num_layers)).double()
     torch.testing.assert_close(q_folded(x, bits), q_plain(x, bits), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "regnetx_016"])
+def test_quantizing_only_the_kernel_window_changes_no_bit(arch, monkeypatch):
+    """A quantized pass of a folded network rounds only each one-pixel convolution's window; the
+    logits and every gradient are those of rounding the whole weight and then slicing it."""
+    from dptq import quant
+
+    torch.manual_seed(0)
+    model = runtime.Runtime(0, device="cpu", bf16=True, channels_last=True, threads=1).to_device(
+        timm.create_model(arch, num_classes=10), 32)
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    q = DynamicQuant(model, image_size=32)
+    bits = torch.randint(3, 9, (4, q.num_layers)).float()
+    out, grads = grads_and_output(lambda inp: q(inp, bits), x, model)
+    with torch.no_grad():  # twice: the inference cache keeps the window too
+        inferred = [q(x, bits) for _ in range(2)]
+    monkeypatch.setattr(quant, "OnePixelConv2d", type("NoConvIsWindowed", (), {}))  # every weight rounded whole
+    out_whole, grads_whole = grads_and_output(lambda inp: q(inp, bits), x, model)
+    assert torch.equal(out, out_whole) and all(torch.equal(y, out_whole) for y in inferred)
+    assert all(torch.equal(g, g_whole) for g, g_whole in zip(grads, grads_whole))
 
 
 def cpu_runtime(seed: int = 0, channels_last: bool = True) -> runtime.Runtime:
