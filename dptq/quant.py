@@ -247,25 +247,21 @@ class DynamicQuant:
             cached = self._weight_cache[name] = (key, fake_quant_weight(part.detach(), self.weight_bits, weight.detach()))
         return cached[1]
 
-    def quantized_weights(self) -> dict[str, Tensor]:
-        """Fake-quantized weights of every layer but the one-pixel convolutions, which quantize
-        only their kernel window, as they run (:class:`dptq.runtime.OnePixelConv2d`)."""
-        params = dict(self.model.named_parameters())
-        return {name: self._quantized(name, params[name]) for name in self.weight_names
-                if not isinstance(self._owners[name], OnePixelConv2d)}
-
     def __call__(self, x: Tensor, bits: Tensor, mask: Sequence[bool] | None = None) -> Tensor:
         if bits.shape != (x.shape[0], self.num_layers):
             raise ValueError(f"bits must have shape [B={x.shape[0]}, N={self.num_layers}], got {tuple(bits.shape)}")
-        weights = self.quantized_weights()
-        windowed = [(name, self._owners[name]) for name in self.weight_names if isinstance(self._owners[name], OnePixelConv2d)]
+        # a one-pixel convolution rounds only its kernel window, as it runs (runtime.OnePixelConv2d);
+        # every other weight is rounded here and swapped in for this call
+        windowed = {name: self._owners[name] for name in self.weight_names if isinstance(self._owners[name], OnePixelConv2d)}
+        params = dict(self.model.named_parameters())
+        weights = {name: self._quantized(name, params[name]) for name in self.weight_names if name not in windowed}
         self._bits = bits
         self._mask = [True] * self.num_layers if mask is None else [bool(m) for m in mask]
         try:
-            for name, module in windowed:
+            for name, module in windowed.items():
                 module.weight_quant = functools.partial(self._quantized, name)
             return functional_call(self.model, weights, (x,), strict=False)
         finally:
             self._bits = None
-            for _, module in windowed:
+            for module in windowed.values():
                 module.weight_quant = None
