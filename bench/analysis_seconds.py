@@ -44,7 +44,7 @@ for arch in cfg["kd"]["archs"]:
     }
     for name, run in jobs.items():
         t = time.perf_counter()
-        run() if name == "evaluate" else run(analysis.Job.start(seed, **start, batch_size=cfg["evaluate"]["batch_size"]))
+        run() if name == "evaluate" else run(analysis.Job.from_config(seed, cfg))
         seconds[f"{name}/{arch}"] = time.perf_counter() - t
         print(f"{name:12s} {arch:26s} {seconds[f'{name}/{arch}']:7.1f} s", flush=True)
 args.out.mkdir(parents=True, exist_ok=True)

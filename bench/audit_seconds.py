@@ -1,5 +1,5 @@
 """Where the audit jobs' time goes: per model, the job's wall seconds and peak memory from its
-Snakemake benchmark file, and the seconds of each part from its audit.json (``seconds_*``).
+Snakemake benchmark file, and the seconds of each part from its audit.json (``seconds``).
 
     python bench/audit_seconds.py            # after `snakemake audit`
 """
@@ -14,7 +14,7 @@ for record_path in sorted(Path("results/audit").glob("*/audit.json")):
     bench = Path("benchmarks/audit") / f"{record['model']}.tsv"
     job = pd.read_csv(bench, sep="\t").iloc[-1] if bench.is_file() else {}
     rows.append({"model": record["model"], "job_s": job.get("s"), "max_rss_MB": job.get("max_rss"),
-                 **{k.removeprefix("seconds_"): v for k, v in record.items() if k.startswith("seconds_")}})
+                 **record["seconds"]})
 table = pd.DataFrame(rows)
 if len(table):
     total = table.sum(numeric_only=True)

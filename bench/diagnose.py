@@ -101,8 +101,7 @@ def main():
     parser.add_argument("--configfile", nargs="+", default=["config.yaml"])
     args = parser.parse_args()
     cfg = config.load(args.configfile)
-    job = Job.start(0, dataset=cfg["dataset"], runtime=cfg["runtime"], quant=cfg["quant"],
-                    profits=cfg["pairs"]["policy"]["profits"], batch_size=cfg["evaluate"]["batch_size"])
+    job = Job.from_config(0, cfg)
     loader = subset_loader(job, args.split, args.max_examples)
     white = checkpoint.white_box(args.network, job.rt, job.data.image_size, job.quant)
     pairs = cfg["pairs"]

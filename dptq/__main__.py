@@ -37,13 +37,13 @@ def main(argv=None) -> int:
             model["class_map"] = config.read_yaml(args.class_map)
         # one model, the pipeline's own not among them (their names may be the same)
         cfg = config.load(args.configfile, {"dataset": dataset, "audit": {"pipeline": False, "models": {name: model}}})
-        record = audit.run_job(name, cfg, network=[], pairs=[], json_path=f"results/audit/{name}/audit.json",
+        result = audit.run_job(name, cfg, network=[], pairs=[], json_path=f"results/audit/{name}/audit.json",
                                figure=f"results/figures/audit_{name}.png")
     except (ValueError, OSError) as err:  # the messages name the file or key and the fix
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"{name}: simulated worst case {record['simulated_verdict']} (drop {record['simulated_drop']:.1f} points), "
-          f"ONNX Runtime int8 {record['runtime_verdict']} (drop {record['runtime_drop']:.1f}); "
+    print(f"{name}: simulated worst case {result.simulated.verdict} (drop {result.simulated.drop:.1f} points), "
+          f"ONNX Runtime int8 {result.runtime.verdict.verdict} (drop {result.runtime.verdict.drop:.1f}); "
           f"results/audit/{name}/audit.json")
     return 0
 

@@ -54,9 +54,10 @@ class Job:
     batch_size: int
 
     @classmethod
-    def start(cls, seed: int, *, dataset: Mapping, runtime: Mapping, quant: Mapping, profits: str,
-              batch_size: int) -> "Job":
-        return cls(seed, Runtime(seed, **runtime), Data(**dataset), dict(quant), profits, batch_size)
+    def from_config(cls, seed: int, cfg: Mapping) -> "Job":
+        """Started for an inference job: ``cfg`` holds the keys of workflow/rules/common.smk's ``INFERENCE``."""
+        return cls(seed, Runtime(seed, **cfg["runtime"]), Data(**cfg["dataset"]), dict(cfg["quant"]),
+                   cfg["pairs"]["policy"]["profits"], cfg["evaluate"]["batch_size"])
 
     def pair(self, path) -> Pair:
         return checkpoint.pair(path, self.rt, self.data.image_size, self.quant)
@@ -436,18 +437,12 @@ def _fp_batch(nets: Sequence[DynamicQuant], x: Tensor) -> Tensor:
     return torch.stack([q.model(x).argmax(1) for q in nets])
 
 
-def _remedy_batch(nets: Mapping[str, DynamicQuant], loaded: Mapping[str, Pair], settings: Sequence[dict],
+def _remedy_batch(nets: Mapping[tuple[str, str], DynamicQuant], loaded: Mapping[str, Pair], settings: Sequence[dict],
                   job: Job, x: Tensor) -> Tensor:
+    """``nets``: (network, scale rule) → its quantizer."""
     allocation = {mode: bits(pair, x, job) for mode, pair in loaded.items()}
-    preds = []
-    for s in settings:
-        quant = nets[s["network"]]
-        rule, quant.scale_rule = quant.scale_rule, s["scale_rule"]
-        try:
-            preds.append(quant(x, allocation[s["policy"]], s["mask"]).argmax(1))
-        finally:
-            quant.scale_rule = rule
-    return torch.stack(preds)
+    return torch.stack([nets[s["network"], s["scale_rule"]](x, allocation[s["policy"]], s["mask"]).argmax(1)
+                        for s in settings])
 
 
 def remedy(job: Job, table1: str | Path, layer_scan: str | Path, pairs: Sequence[str | Path],
@@ -489,7 +484,8 @@ def remedy(job: Job, table1: str | Path, layer_scan: str | Path, pairs: Sequence
     # a setting that keeps no layer at FP is its rule's plain setting: measured once
     run_of = lambda s: (s["network"], s["policy"], s["scale_rule"], tuple(s["mask"]))  # noqa: E731
     runs = {run_of(s): s for s in settings}
-    q_acc = accuracies(loader, job, functools.partial(_remedy_batch, nets, loaded, list(runs.values()), job), desc=f"{arch} remedy")
+    by_rule = {(net, rule): quant.with_scale_rule(rule) for net, quant in nets.items() for rule in rules}
+    q_acc = accuracies(loader, job, functools.partial(_remedy_batch, by_rule, loaded, list(runs.values()), job), desc=f"{arch} remedy")
     acc_of = dict(zip(runs, q_acc.tolist()))
     rows = [dict(seed=job.seed, arch=arch, **{k: v for k, v in s.items() if k != "mask"}, q_acc=acc_of[run_of(s)],
                  fp_acc=fp_acc[s["network"]]) for s in settings]

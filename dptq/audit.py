@@ -8,45 +8,45 @@ For one network N (a timm arch and its weights, or one of the pipeline's own) on
 - **worst case per cell** (version × budget of the grid, same options, budget and exact MCKP):
   full precision; the *uniform* allocation (every layer the budget's mean bits, rounded so that
   the sum is exact); a seeded *random* policy; the *greedy* rule (the lowest bits to the layers
-  the sensitivity scan finds most fragile: static profits P[l, k] ∝ −r_l · o_k with r_l the
-  layer's fragility rank, whose exact MCKP answer gives the most fragile layers the lowest
-  options and the rest the highest, the budget met exactly); and a *learned* detrimental policy
-  trained against the frozen N (:class:`dptq.train.FrozenPolicyStage`). The worst case is the
-  lowest of them;
+  the sensitivity scan finds most fragile: :func:`dptq.policy.greedy_profits`); and a *learned*
+  detrimental policy trained against the frozen N (:class:`dptq.train.FrozenPolicyStage`). The
+  worst case is the lowest of them;
 - **recommendation**: the fewest most-sensitive layers (up to ``max_float_layers``) whose being
   kept in float brings every cell's worst case within ``tolerated_drop`` of FP on the subset
   (each policy's allocations as they are, those layers' inputs left unquantized), then measured
-  on the test set,
-  with their ONNX node names (onnxruntime's ``nodes_to_exclude``);
-- **real runtime** (:mod:`dptq.deploy`): ONNX Runtime's dynamic int8 quantization, checked like
-  for like against the simulator, and N's (and the pipeline's R and D networks') accuracy
-  through it, with and without the recommended float layers;
+  on the test set, with their ONNX node names (onnxruntime's ``nodes_to_exclude``);
+- **real runtime** (:mod:`dptq.deploy`, :mod:`dptq.int8`): ONNX Runtime's dynamic int8
+  quantization, checked like for like against the simulator and the integer emulation, and N's
+  (and the pipeline's R and D networks') accuracy through it, with and without the float layers;
 - **batch coupling** (:mod:`dptq.coupling`): what one batch-mate costs the others in the runtime;
 - **verdicts**: pass when the drop from FP is at most ``tolerated_drop``, for the simulated
   worst case (3-8-bit activations: what a lower-bit or adaptive runtime would face) and for the
   runtime of today (8-bit activations).
 
-The first quantizable layer reads the raw image and is never quantized, in the simulator and in
-the runtime alike (its ONNX node is always excluded).
+The result is one :class:`AuditResult`, written once as audit.json, beside the tidy cells.csv,
+sensitivity.csv and coupling.csv (docs/method.md §2.21 describes every field). The first
+quantizable layer reads the raw image and is never quantized, in the simulator and in the runtime
+alike (its ONNX node is always excluded).
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import functools
-import json
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from . import analysis, budgets, checkpoint, coupling, data, deploy, evaluate, models, train
-from .corruptions import corrupt
+from . import analysis, budgets, checkpoint, config, coupling, data, deploy, evaluate, int8, models, tables, train
 from .data import Data
-from .policy import allocate, even_profits
+from .audit_record import Agreement, AuditResult, CellResult, RuntimeResult, Verdict
+from .policy import RandomPolicy, StaticPolicy, allocate, even_profits, fragility_order, greedy_profits
 from .runtime import Runtime
 
 CELL_COLUMNS = ["model", "version", "budget", "policy", "network", "acc", "fp_acc", "drop"]
@@ -54,6 +54,8 @@ SENSITIVITY_COLUMNS = ["model", "layer", "module", "onnx_node", "bits", "acc", "
 POLICIES = ("uniform", "random", "greedy", "learned")
 AUDIT_KEYS = ("cells", "tolerated_drop", "max_float_layers", "policy", "runtime", "coupling")  # one model's settings
 
+
+# --- the subject ---------------------------------------------------------------------------------
 
 class Restricted(nn.Module):
     """N's logits at the dataset's classes only: column c is the model's class ``index[c]`` (a
@@ -101,34 +103,28 @@ def subject(spec: Mapping, classes: Sequence[str], where: str) -> nn.Module:
     return model if index is None else Restricted(model, index).eval()
 
 
-class StaticPolicy:
-    """The same profits ``[N, K]`` for every image (the uniform and greedy allocations)."""
+@dataclass
+class Context:
+    """What every part of one audit shares: the job's runtime and data, the analyses' job, the
+    model's input normalisation, the output folder and the seed."""
 
-    def __init__(self, profits: Tensor):
-        self.profits = profits
+    job: analysis.Job
+    normalize: object
+    out_dir: Path
+    seed: int
 
-    def __call__(self, images: Tensor) -> Tensor:
-        return self.profits.to(images.device).expand(images.shape[0], -1, -1)
+    @property
+    def rt(self) -> Runtime:
+        return self.job.rt
 
-
-def greedy_profits(drops: Sequence[float], options: Sequence[int]) -> Tensor:
-    """P[l, k] = −(r_l / N) · (o_k / max o), r_l = 1 + the number of layers less fragile than l
-    (ties: the later layer counts as more fragile, so the ranks are distinct and the answer
-    unique). A positive scale leaves the MCKP's answer as it is; this one keeps |P| ≤ 1, so a
-    policy that starts here (``audit.policy.start: greedy``) can learn away from it."""
-    order = sorted(range(len(drops)), key=lambda l: (drops[l], l))
-    rank = torch.empty(len(drops))
-    rank[torch.tensor(order)] = torch.arange(1, len(drops) + 1, dtype=torch.float32) / len(drops)
-    opts = torch.as_tensor(list(options), dtype=torch.float32)
-    return -rank[:, None] * (opts / opts.max())[None, :]
+    @property
+    def data(self) -> Data:
+        return self.job.data
 
 
-def fragility_order(drops: Sequence[float]) -> list[int]:
-    """Layers (0-based), most fragile first (ties: the later layer first, as in :func:`greedy_profits`)."""
-    return sorted(range(len(drops)), key=lambda l: (-drops[l], -l))
+# --- the simulated worst case --------------------------------------------------------------------
 
-
-def sensitivity(job: analysis.Job, quant, loader, bits: int, normalize) -> list[float]:
+def sensitivity(ctx: Context, quant, loader, bits: int) -> list[float]:
     """Accuracy with layer l alone quantized at ``bits`` (the rest FP), for every l, on ``loader``."""
     n = quant.num_layers
     masks = [analysis.scan_masks(n, "single", layer) for layer in range(1, n + 1)]
@@ -137,11 +133,11 @@ def sensitivity(job: analysis.Job, quant, loader, bits: int, normalize) -> list[
         b = torch.full((x.shape[0], n), float(bits), device=x.device)
         return torch.stack([quant(x, b, mask).argmax(1) for mask in masks])
 
-    return analysis.accuracies(loader, job, run, desc="sensitivity", normalize=normalize).tolist()
+    return analysis.accuracies(loader, ctx.job, run, desc="sensitivity", normalize=ctx.normalize).tolist()
 
 
-def masked_accuracies(job: analysis.Job, quant, loader, policies: Mapping[str, tuple], masks: Sequence[Sequence[bool]],
-                      normalize) -> dict[str, list[float]]:
+def masked_accuracies(ctx: Context, quant, loader, policies: Mapping[str, tuple], masks: Sequence[Sequence[bool]]
+                      ) -> dict[str, list[float]]:
     """Accuracy of every (policy, mask) on ``loader``; each policy's bits computed once per batch.
     ``policies``: name → (policy, options, capacity, profit rule)."""
 
@@ -152,7 +148,7 @@ def masked_accuracies(job: analysis.Job, quant, loader, policies: Mapping[str, t
             preds += [quant(x, b, mask).argmax(1) for mask in masks]
         return torch.stack(preds)
 
-    acc = analysis.accuracies(loader, job, run, desc="float layers", normalize=normalize).tolist()
+    acc = analysis.accuracies(loader, ctx.job, run, desc="float layers", normalize=ctx.normalize).tolist()
     return {name: acc[i * len(masks):(i + 1) * len(masks)] for i, name in enumerate(policies)}
 
 
@@ -166,183 +162,137 @@ def recommend(fp_acc: float, acc_by_k: Mapping[str, Sequence[float]], tolerated:
     return tried - 1
 
 
-@contextlib.contextmanager
-def _timed(record: dict, part: str):
-    """Adds ``seconds_{part}``, the wall time of the block, to ``record``."""
-    start = time.perf_counter()
-    yield
-    record[f"seconds_{part}"] = round(time.perf_counter() - start, 2)
+class Cell(NamedTuple):
+    """An audited cell of the grid: its name, version and budget, and the options and capacity they give N."""
+
+    name: str
+    version: str
+    budget: str
+    options: list[int]
+    capacity: int
 
 
-def audit_model(name: str, spec: Mapping, out_dir: str | Path, figure: str | Path, *, seed: int, dataset: Mapping,
-                runtime: Mapping, quant: Mapping, pairs: Mapping, audit: Mapping, max_examples: int, batch_size: int,
-                random_policy_seed: int, corruptions: Mapping, others: Mapping[str, Mapping[str, str]] | None = None) -> dict:
-    """Audit network ``name`` (``spec``: see :func:`subject`) and write ``out_dir``/audit.json with
-    cells.csv, sensitivity.csv, coupling.csv beside it and the figure ``figure``.
-
-    ``pairs``: the grid (``versions``, ``budgets``, ``budget_offset``, ``policy``); ``audit``: the
-    audit section; ``others``: for the pipeline's networks, network name (R, D) → cell → pair
-    checkpoint, whose runtime accuracy is measured too. ``seed`` seeds the policies' training and
-    the attackers' draws.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rt, data_ = Runtime(seed, **runtime), Data(**{**dataset, "image_size": spec.get("image_size") or dataset["image_size"]})
-    image_size = data_.image_size
-    normalize = functools.partial(data.normalize, mean=spec.get("mean") or data.MEAN, std=spec.get("std") or data.STD)
-    test_set = data_.build("test")
-    model = subject(spec, test_set.classes, where=f"audit.models.{name}")
-    exported = copy.deepcopy(model)  # the job's device rewrites (runtime.Runtime.to_device) are the simulator's only
-    simulated = checkpoint.quantizer(model, rt, image_size, **quant)
-    job = analysis.Job(seed, rt, data_, dict(quant), pairs["policy"]["profits"], batch_size)
-    test = data_.loader(test_set, batch_size, rt)
-    subset = analysis.subset_loader(job, "test", max_examples)
-    fp_preds, labels = evaluate.predict(simulated, test, rt, normalize=normalize)
-    fp_acc = evaluate.accuracy(fp_preds, labels)
-    record = {"model": name, "arch": spec["arch"], "clean_acc": fp_acc, "test_images": int(len(labels)),
-              "subset_images": int(len(subset.dataset)), "tolerated_drop": float(audit["tolerated_drop"])}
-    cells = grid_cells(pairs, audit["cells"], simulated.num_layers, name)
-    low = min(min(options) for options, _ in cells.values())
-
-    with _timed(record, "sensitivity"):
-        subset_fp_acc = analysis.accuracies(subset, job, lambda x: simulated.model(x).argmax(1)[None],
-                                            normalize=normalize).item()
-        scan = sensitivity(job, simulated, subset, low, normalize)
-        drops = [subset_fp_acc - a for a in scan]
-        order = fragility_order(drops)
-    with _timed(record, "policies"):
-        policies = {cell: cell_policies(model, name, cell, options, capacity, drops, pairs, audit, out_dir, data_,
-                                        seed=seed, runtime=runtime, quant=quant, random_policy_seed=random_policy_seed)
-                    for cell, (options, capacity) in cells.items()}
-    with _timed(record, "worst_case"):
-        table = worst_case(simulated, policies, test, labels, rt, normalize, fp_acc, name)
-        # the float layers: kept in sensitivity order until every cell's worst case holds on the
-        # subset; their effect then measured on the test set
-        masks = [[layer not in order[:k] for layer in range(simulated.num_layers)]
-                 for k in range(min(int(audit["max_float_layers"]), simulated.num_layers) + 1)]
-        attackers = {cell: {k: v for k, v in chosen.items() if k != "uniform"} for cell, chosen in policies.items()}
-        keep = max(recommend(subset_fp_acc, masked_accuracies(job, simulated, subset, chosen, masks, normalize),
-                             audit["tolerated_drop"]) for chosen in attackers.values())
-        float_layers = order[:keep]
-        kept = {f"{v}-{b}": min(a[0] for a in masked_accuracies(job, simulated, test, chosen, [masks[keep]],
-                                                                normalize).values())
-                for (v, b), chosen in attackers.items()}
-    record.update(cell_record(table, kept))
-    worst_sim = min(record[f"worst_acc_{v}-{b}"] for v, b in cells)
-
-    with _timed(record, "runtime"):
-        deployed = runtime_audit(exported, simulated, image_size, out_dir, float_layers, test, normalize,
-                                 audit["runtime"], record, others)
-    modules, nodes = deployed["modules"], deployed["nodes"]
-    sens = pd.DataFrame([dict(model=name, layer=l + 1, module=modules[l], onnx_node=nodes[l], bits=low, acc=scan[l],
-                              drop=drops[l], rank=order.index(l) + 1, keep_float=l in float_layers)
-                         for l in range(simulated.num_layers)])
-    record.update(float_layers=[modules[l] for l in float_layers], nodes_to_exclude=[nodes[l] for l in float_layers],
-                  num_float_layers=len(float_layers), simulated_worst_acc=worst_sim, simulated_drop=fp_acc - worst_sim,
-                  simulated_verdict=verdict(fp_acc - worst_sim, audit["tolerated_drop"]),
-                  runtime_drop=fp_acc - record["runtime_acc"],
-                  runtime_verdict=verdict(fp_acc - record["runtime_acc"], audit["tolerated_drop"]))
-
-    with _timed(record, "coupling"):
-        points = coupling_points(deployed, image_size, subset, analysis.subset_loader(job, "train", max_examples),
-                                 normalize, audit["coupling"], corruptions["names"], corruptions["degrees"], seed=seed)
-    points.insert(0, "model", name)
-    for runner, frame in points.groupby("runner", sort=False):
-        for row in coupling.summarize(frame).itertuples():
-            record[f"coupling_drop_{runner}_{row.kind}_n{row.batch_size}"] = float(row.drop)
-            record[f"coupling_ci95_{runner}_{row.kind}_n{row.batch_size}"] = float(row.ci95)
-
-    table[CELL_COLUMNS].to_csv(out_dir / "cells.csv", index=False)
-    sens[SENSITIVITY_COLUMNS].to_csv(out_dir / "sensitivity.csv", index=False)
-    points.to_csv(out_dir / "coupling.csv", index=False)
-    from .figures import audit_figure  # matplotlib and seaborn only here
-
-    audit_figure(sens, points, name, figure)
-    tmp = out_dir / "audit.json.tmp"
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(out_dir / "audit.json")
-    return record
+def grid_cells(pairs: Mapping, names: Sequence[str] | None, num_layers: int, model: str) -> list[Cell]:
+    """The audited cells ``names`` (None: the grid; names already checked by dptq.config)."""
+    return [Cell(name, v, b, *budgets.cell(num_layers, pairs["versions"][v], pairs["budgets"][b], pairs["budget_offset"][v],
+                                           where=f"audit of {model}, cell {name}"))
+            for name, (v, b) in config.cells(pairs, names).items()]
 
 
-def cell_policies(model: nn.Module, name: str, cell: tuple[str, str], options: list[int], capacity: int,
-                  drops: Sequence[float], pairs: Mapping, audit: Mapping, out_dir: Path, data_: Data, *, seed: int,
-                  runtime: Mapping, quant: Mapping, random_policy_seed: int) -> dict[str, tuple]:
+def learned_policy(ctx: Context, model: nn.Module, name: str, cell: Cell, pairs: Mapping, audit: Mapping,
+                   start: Tensor | None, quant: Mapping) -> nn.Module:
+    """The detrimental policy trained against the frozen ``model`` for one cell, from the
+    allocation of profits ``start`` (resumable; kept in ``out_dir``/policies), in eval mode. Every
+    cell's policy starts from freshly seeded generators, so it does not depend on the cells before it."""
+    path = ctx.out_dir / "policies" / f"{cell.name}.pt"
+    ctx.rt.reseed()
+    if not path.exists():
+        policy = audit["policy"]
+        recipe = train.recipe(policy, policy["batch_size"], grad_clip=pairs["grad_clip"], select_best=pairs["select_best"])
+        spec = dict(version=cell.version, budget=cell.budget, bit_range=pairs["versions"][cell.version],
+                    level=pairs["budgets"][cell.budget], offset=pairs["budget_offset"][cell.version])
+        stage = train.FrozenPolicyStage(recipe, ctx.data, ctx.rt, model, name, spec, quant, pairs["policy"],
+                                        policy["margin"], start)
+        train.fit(stage, ctx.seed, path, path.with_suffix(".csv"))
+    ckpt = checkpoint.load(path, kind="audit-policy", recover=f"delete {path} to train the policy again")
+    return ctx.rt.to_device(checkpoint.policy_of(ckpt), ctx.data.image_size).eval()
+
+
+def cell_policies(ctx: Context, model: nn.Module, name: str, cell: Cell, drops: Sequence[float], pairs: Mapping,
+                  audit: Mapping, quant: Mapping, random_policy_seed: int) -> dict[str, tuple]:
     """One cell's bit controllers: name → (policy, options, capacity, profit rule)."""
-    n = len(drops)
+    n, options, capacity, rule = len(drops), cell.options, cell.capacity, pairs["policy"]["profits"]
     starts = {"even": even_profits(n, options, capacity), "greedy": greedy_profits(drops, options), "random": None}
-    learned = learned_policy(model, name, *cell, pairs, audit, out_dir, data_, starts[audit["policy"]["start"]],
-                             seed=seed, runtime=runtime, quant=quant)
-    rule = pairs["policy"]["profits"]
+    random = RandomPolicy(n, len(options), random_policy_seed)
+    learned = learned_policy(ctx, model, name, cell, pairs, audit, starts[audit["policy"]["start"]], quant)
     return {"uniform": (StaticPolicy(starts["even"]), options, capacity, "logits"),
-            "random": (evaluate.random_policy(n, len(options), random_policy_seed), options, capacity, rule),
+            "random": (random, options, capacity, rule),
             "greedy": (StaticPolicy(starts["greedy"]), options, capacity, "logits"),
             "learned": (learned, options, capacity, rule)}
 
 
-def worst_case(simulated, policies: Mapping, loader, labels: Tensor, rt: Runtime, normalize, fp_acc: float,
-               name: str) -> pd.DataFrame:
-    """Test accuracy of every cell's controllers (and FP): the rows of cells.csv."""
+def worst_case(ctx: Context, simulated, cells: Sequence[Cell], policies: Mapping[str, Mapping], loader, labels: Tensor,
+               fp_acc: float, name: str) -> pd.DataFrame:
+    """Test accuracy of every cell's controllers (``policies``: cell name → controllers) and FP: the rows of cells.csv."""
     rows = []
-    for (version, budget), controllers in policies.items():
+    for version, budget, controllers in ((c.version, c.budget, policies[c.name]) for c in cells):
         rows.append(dict(model=name, version=version, budget=budget, policy="fp", network="N", acc=fp_acc, fp_acc=fp_acc))
         for policy_name, (policy, options, capacity, rule) in controllers.items():
             if policy_name == "random":  # a fresh seeded draw per pass, as in Table 3
-                policy = evaluate.random_policy(simulated.num_layers, len(options), policy.generator.initial_seed())
-            preds = evaluate.predict(simulated, loader, rt, rule, policy=policy, options=options, capacity=capacity,
-                                     normalize=normalize)[0]
+                policy = RandomPolicy(simulated.num_layers, len(options), policy.generator.initial_seed())
+            preds = evaluate.predict(simulated, loader, ctx.rt, rule, policy=policy, options=options, capacity=capacity,
+                                     normalize=ctx.normalize)[0]
             rows.append(dict(model=name, version=version, budget=budget, policy=policy_name, network="N",
                              acc=evaluate.accuracy(preds, labels), fp_acc=fp_acc))
     return pd.DataFrame(rows).assign(drop=lambda t: t["fp_acc"] - t["acc"])
 
 
-def cell_record(table: pd.DataFrame, float_kept: Mapping[str, float]) -> dict:
-    """Per cell: each controller's accuracy, the worst and its controller, whether the learned
-    policy is at or below both heuristics (random, greedy), and the worst with the float layers kept."""
-    record = {}
+def cell_results(table: pd.DataFrame, float_kept: Mapping[str, float]) -> list[CellResult]:
+    """Per cell of cells.csv's rows: each controller's accuracy, the worst and its controller, whether
+    the learned policy is at or below both heuristics, and the worst with the float layers kept."""
+    results = []
     for (version, budget), rows in table[table["policy"] != "fp"].groupby(["version", "budget"], sort=False):
-        cell = f"{version}-{budget}"
-        acc = dict(zip(rows["policy"], rows["acc"]))
+        cell = config.cell_name(version, budget)
+        acc = {p: float(a) for p, a in zip(rows["policy"], rows["acc"])}
         worst = min(acc, key=acc.get)
-        record.update({f"{p}_acc_{cell}": float(acc[p]) for p in POLICIES})
-        record.update({f"worst_acc_{cell}": float(acc[worst]), f"worst_policy_{cell}": worst,
-                       f"learned_beats_heuristics_{cell}": bool(acc["learned"] <= min(acc["random"], acc["greedy"])),
-                       f"worst_acc_float_layers_{cell}": float(float_kept[cell])})
-    return record
+        results.append(CellResult(cell, {p: acc[p] for p in POLICIES}, acc[worst], worst,
+                                  bool(acc["learned"] <= min(acc["random"], acc["greedy"])), float(float_kept[cell])))
+    return results
 
 
-def verdict(drop: float, tolerated: float) -> str:
-    return "pass" if drop <= tolerated else "fail"
+@dataclass
+class Simulated:
+    """The simulated part of an audit: the sensitivity scan, the float layers and every cell's worst case."""
+
+    scan: list[float]  # each layer's accuracy alone at ``bits``
+    drops: list[float]
+    bits: int
+    float_layers: list[int]  # 0-based, most sensitive first
+    table: pd.DataFrame  # the rows of cells.csv
+    cells: list[CellResult]
 
 
-def grid_cells(pairs: Mapping, chosen: Sequence[str] | None, num_layers: int, name: str) -> dict[tuple[str, str], tuple[list[int], int]]:
-    """(version, budget) → (options, capacity) of the audited cells ("I-A", ...; ``None``: the grid)."""
-    grid = [(v, b) for v in pairs["versions"] for b in pairs["budgets"]]
-    wanted = grid if chosen is None else [tuple(c.split("-", 1)) for c in chosen]
-    unknown = [f"{v}-{b}" for v, b in wanted if (v, b) not in grid]
-    if unknown:
-        raise ValueError(f"audit.cells: unknown cell(s) {unknown}; use version-budget of the grid, e.g. "
-                         f"{grid[0][0]}-{grid[0][1]}, or null for all")
-    return {(v, b): budgets.cell(num_layers, pairs["versions"][v], pairs["budgets"][b], pairs["budget_offset"][v],
-                                 where=f"audit of {name}, cell {v}-{b}") for v, b in wanted}
+def simulate(ctx: Context, model: nn.Module, simulated, name: str, cells: Sequence[Cell],
+             test, subset, labels: Tensor, fp_acc: float, *, pairs: Mapping, audit: Mapping, quant: Mapping,
+             random_policy_seed: int, seconds: dict) -> Simulated:
+    """The sensitivity scan (on the ``subset`` loader), each cell's controllers and worst case (on
+    ``test``), and the float layers."""
+    low = min(min(cell.options) for cell in cells)
+    with _timed(seconds, "sensitivity"):
+        subset_fp_acc = analysis.accuracies(subset, ctx.job, lambda x: simulated.model(x).argmax(1)[None],
+                                            normalize=ctx.normalize).item()
+        scan = sensitivity(ctx, simulated, subset, low)
+        drops = [subset_fp_acc - a for a in scan]
+        order = fragility_order(drops)
+    with _timed(seconds, "policies"):
+        policies = {cell.name: cell_policies(ctx, model, name, cell, drops, pairs, audit, quant, random_policy_seed)
+                    for cell in cells}
+    with _timed(seconds, "worst_case"):
+        table = worst_case(ctx, simulated, cells, policies, test, labels, fp_acc, name)
+        # the float layers: kept in sensitivity order until every cell's worst case holds on the
+        # subset; their effect then measured on the test set
+        masks = [[layer not in order[:k] for layer in range(simulated.num_layers)]
+                 for k in range(min(int(audit["max_float_layers"]), simulated.num_layers) + 1)]
+        attackers = {cell: {k: v for k, v in chosen.items() if k != "uniform"} for cell, chosen in policies.items()}
+        keep = max(recommend(subset_fp_acc, masked_accuracies(ctx, simulated, subset, chosen, masks), audit["tolerated_drop"])
+                   for chosen in attackers.values())
+        kept = {cell: min(a[0] for a in masked_accuracies(ctx, simulated, test, chosen, [masks[keep]]).values())
+                for cell, chosen in attackers.items()}
+    return Simulated(scan, drops, low, order[:keep], table, cell_results(table, kept))
 
 
-def learned_policy(model: nn.Module, name: str, version: str, budget: str, pairs: Mapping, audit: Mapping,
-                   out_dir: Path, data_: Data, start: Tensor | None, *, seed: int, runtime: Mapping,
-                   quant: Mapping) -> nn.Module:
-    """The detrimental policy trained against the frozen ``model`` for one cell, from the
-    allocation of profits ``start`` (resumable; kept in ``out_dir``/policies), in eval mode."""
-    path = out_dir / "policies" / f"{version}-{budget}.pt"
-    rt = Runtime(seed, **runtime)
-    if not path.exists():
-        recipe = train._recipe(audit["policy"], audit["policy"]["batch_size"], grad_clip=pairs["grad_clip"],
-                               select_best=pairs["select_best"])
-        cell = dict(version=version, budget=budget, bit_range=pairs["versions"][version], level=pairs["budgets"][budget],
-                    offset=pairs["budget_offset"][version])
-        stage = train.FrozenPolicyStage(recipe, data_, rt, model, name, cell, quant, pairs["policy"],
-                                        audit["policy"]["margin"], start)
-        train.fit(stage, seed, path, path.with_suffix(".csv"))
-    ckpt = checkpoint.load(path, kind="audit-policy", recover=f"delete {path} to train the policy again")
-    return rt.to_device(checkpoint.policy_of(ckpt), data_.image_size).eval()
+# --- the real runtime ----------------------------------------------------------------------------
+
+@dataclass
+class Deployed:
+    """N in ONNX Runtime: its layers' torch names and ONNX nodes, the sessions, and what they measured."""
+
+    modules: list[str]
+    nodes: list[str]
+    session: deploy.Session
+    session_float_layers: deploy.Session  # the float layers excluded (the same session when there are none)
+    model: nn.Module  # the float network exported, on the CPU
+    result: RuntimeResult
 
 
 def _inputs(loader, normalize) -> tuple[Tensor, Tensor]:
@@ -351,86 +301,142 @@ def _inputs(loader, normalize) -> tuple[Tensor, Tensor]:
     return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
 
 
-def runtime_audit(model: nn.Module, simulated, image_size: int, out_dir: Path, float_layers: Sequence[int], loader,
-                  normalize, settings: Mapping, record: dict, others: Mapping[str, Mapping[str, str]] | None) -> dict:
-    """ONNX Runtime (``audit.runtime``): N at batch 1 against the like-for-like simulator, N with the
-    float layers kept, and the accuracy of ``others`` (pair checkpoints) through the runtime. Fills
-    ``record``; returns the layers' torch names, ONNX nodes and the runtime sessions."""
+def _logits(model, inputs: Tensor) -> Tensor:
+    with torch.no_grad():
+        return torch.cat([model(x) for x in inputs.split(256)])
+
+
+def run_in_runtime(ctx: Context, model: nn.Module, image_size: int, float_layers: Sequence[int], loader,
+                   clean_acc: float, tolerated: float, settings: Mapping,
+                   others: Mapping[str, Mapping[str, str]] | None) -> Deployed:
+    """ONNX Runtime (``audit.runtime``): N at batch 1 against the like-for-like simulator and the
+    integer emulation, N with the float layers kept, and the accuracy of ``others`` (pair
+    checkpoints) through the runtime."""
     model = model.cpu().float().eval()
     quantize = functools.partial(deploy.quantize, weight_type=settings["weight_type"],
                                  per_channel=settings["per_channel"], reduce_range=settings["reduce_range"])
 
-    def int8(net: nn.Module, stem: str, keep: Sequence[int] = ()) -> tuple[deploy.Session, list[str], list[str]]:
-        fp32 = deploy.export(net, image_size, out_dir / "onnx" / f"{stem}.fp32.onnx", opset=settings["opset"])
+    def int8_session(net: nn.Module, stem: str, keep: Sequence[int] = ()) -> tuple[deploy.Session, list[str], list[str]]:
+        fp32 = deploy.export(net, image_size, ctx.out_dir / "onnx" / f"{stem}.fp32.onnx", opset=settings["opset"])
         by_module = deploy.node_names(net, fp32, image_size)  # every Conv2d/Linear, in execution order
         first, *layers = by_module
         nodes = [by_module[m] for m in layers]
-        path = quantize(fp32, out_dir / "onnx" / f"{stem}.int8.onnx", exclude=[by_module[first], *(nodes[l] for l in keep)])
+        path = quantize(fp32, ctx.out_dir / "onnx" / f"{stem}.int8.onnx", exclude=[by_module[first], *(nodes[l] for l in keep)])
         return deploy.Session(path, settings["threads"]), layers, nodes
 
-    inputs, labels = _inputs(loader, normalize)
-    session, modules, nodes = int8(model, "model")
-    if len(modules) != simulated.num_layers:
-        raise ValueError(f"the ONNX graph has {len(modules) + 1} Conv/Gemm nodes, the simulator {simulated.num_layers + 1} layers")
-    kept = int8(model, "model_float_layers", float_layers)[0] if float_layers else session
-    runtime_logits = session(inputs, 1)
-    like = deploy.simulator_like_runtime(model, image_size)
-    with torch.no_grad():
-        sim_logits = torch.cat([like(x, torch.full((len(x), like.num_layers), 8.0)) for x in inputs.split(256)])
-        fp_logits = torch.cat([model(x) for x in inputs.split(256)])
-    try:  # the runtime's integer arithmetic itself: tells a real difference from summation order
-        emulation = deploy.integer_emulation(model, image_size).eval()
-        with torch.no_grad():
-            emulated = torch.cat([emulation(x) for x in inputs.split(256)])
-        record.update({f"emulation_{k}": v for k, v in deploy.agreement(emulated, runtime_logits).items()})
-    except ValueError as err:
-        record["emulation_skipped"] = str(err)
+    inputs, labels = _inputs(loader, ctx.normalize)
     acc = lambda logits: evaluate.accuracy(logits.argmax(1), labels)  # noqa: E731
-    record.update(runtime_acc=acc(runtime_logits), runtime_acc_float_layers=acc(kept(inputs, 1)),
-                  like_for_like_fp_acc=acc(fp_logits), like_for_like_sim_acc=acc(sim_logits),
-                  **{f"agreement_{k}": v for k, v in deploy.agreement(sim_logits, runtime_logits).items()},
-                  **{f"cpu_{k}" if not k.startswith("cpu") else k: v for k, v in deploy.cpu_features().items()},
-                  **{f"runtime_{k}": v for k, v in settings.items()})
+    session, modules, nodes = int8_session(model, "model")
+    kept = int8_session(model, "model_float_layers", float_layers)[0] if float_layers else session
+    runtime_logits = session(inputs, 1)
+    like = int8.simulator_like_runtime(model, image_size)
+    sim_logits = _logits(lambda x: like(x, torch.full((len(x), like.num_layers), 8.0)), inputs)
+    emulation, skipped = None, None
+    try:  # the runtime's integer arithmetic itself: tells a real difference from summation order
+        emulation = Agreement(**int8.agreement(_logits(int8.integer_emulation(model, image_size).eval(), inputs),
+                                               runtime_logits))
+    except ValueError as err:
+        skipped = str(err)
+    others_measured = []
     for network, paths in (others or {}).items():
         for cell, path in paths.items():
-            ckpt = checkpoint.load(path, kind="pair", recover="re-run the pair job that writes it")
-            net = checkpoint.network(ckpt).float()
-            with torch.no_grad():
-                record[f"fp_acc_{network}_{cell}"] = acc(torch.cat([net(x) for x in inputs.split(256)]))
-            record[f"runtime_acc_{network}_{cell}"] = acc(int8(net, f"{network}_{cell}")[0](inputs, 1))
-    return {"modules": modules, "nodes": nodes, "runtime": session, "runtime_float_layers": kept, "model": model}
+            net = checkpoint.network(checkpoint.load(path, kind="pair", recover="re-run the pair job that writes it")).float()
+            others_measured.append(dict(network=network, cell=cell, fp_acc=acc(_logits(net, inputs)),
+                                        runtime_acc=acc(int8_session(net, f"{network}_{cell}")[0](inputs, 1))))
+    result = RuntimeResult(verdict=Verdict.of(acc(runtime_logits), clean_acc, tolerated),
+                           acc_float_layers=acc(kept(inputs, 1)), like_for_like_fp_acc=acc(_logits(model, inputs)),
+                           like_for_like_sim_acc=acc(sim_logits),
+                           simulator=Agreement(**int8.agreement(sim_logits, runtime_logits)),
+                           emulation=emulation, emulation_skipped=skipped, settings=dict(settings), others=others_measured)
+    return Deployed(modules, nodes, session, kept, model, result)
 
 
-def coupling_points(deployed: Mapping, image_size: int, evaluation, fit, normalize, settings: Mapping,
-                    corruption_names: Sequence[str], degree: int, seed: int) -> pd.DataFrame:
-    """Batch coupling (:mod:`dptq.coupling`): the batch-mates' accuracy with one attacker of each
-    kind in the runtime as served (batch n), and with the float layers kept (when there are any);
-    tidy rows with a ``runner`` column. The attacks are optimised through the like-for-like
-    simulator's ``batch`` rule (tests/test_coupling.py: it equals the runtime at batch n)."""
-    model = deployed["model"]
-    attack = deploy.simulator_like_runtime(model, image_size, scale_rule="batch", range_grad=True)
-    pixels, labels = (torch.cat(t) for t in zip(*[(images.float(), y) for images, y in evaluation]))
-    fit_pixels = torch.cat([images.float() for images, _ in fit])
-    natural = pixels[coupling.largest_range_image(pixels, attack, normalize)]
-    candidates = torch.cat([corrupt(pixels, name, degree, seed)[0] for name in corruption_names
-                            if name != "distribution_shift"])  # the service's normalisation is not the attacker's
-    crude = coupling.crude(attack, natural, normalize, steps=settings["steps"], lr=settings["lr"])
-    attackers = {"natural": natural, "corrupted": coupling.worst_corrupted(pixels, attack, candidates, normalize),
-                 "crude": crude,
-                 "crafted": coupling.craft(attack, fit_pixels, normalize, init=crude, steps=settings["steps"],
-                                           lr=settings["lr"], seed=seed)}
+# --- one audit -----------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _timed(seconds: dict, part: str):
+    """Sets ``seconds[part]``, the wall time of the block."""
+    start = time.perf_counter()
+    yield
+    seconds[part] = round(time.perf_counter() - start, 2)
+
+
+def audit_model(name: str, spec: Mapping, out_dir: str | Path, figure: str | Path, *, seed: int, dataset: Mapping,
+                runtime: Mapping, quant: Mapping, pairs: Mapping, audit: Mapping, evaluation: Mapping,
+                analysis_settings: Mapping, others: Mapping[str, Mapping[str, str]] | None = None) -> AuditResult:
+    """Audit network ``name`` (``spec``: see :func:`subject`) and write ``out_dir``/audit.json with
+    cells.csv, sensitivity.csv, coupling.csv beside it and the figure ``figure``.
+
+    ``pairs``: the grid (``versions``, ``budgets``, ``budget_offset``, ``policy``, ``grad_clip``,
+    ``select_best``); ``audit``: the audit section; ``evaluation``: ``batch_size`` and
+    ``random_policy_seed``; ``analysis_settings``: ``max_examples`` and ``corruptions``;
+    ``others``: for the pipeline's networks, network name (R, D) → cell → pair checkpoint, whose
+    runtime accuracy is measured too. ``seed`` seeds the policies' training and the attackers' draws.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data_ = Data(**{**dataset, "image_size": spec.get("image_size") or dataset["image_size"]})
+    job = analysis.Job(seed, Runtime(seed, **runtime), data_, dict(quant), pairs["policy"]["profits"], evaluation["batch_size"])
+    ctx = Context(job, functools.partial(data.normalize, mean=spec.get("mean") or data.MEAN, std=spec.get("std") or data.STD),
+                  out_dir, seed)
+    image_size, seconds = data_.image_size, {}
+    test_set = data_.build("test")
+    model = subject(spec, test_set.classes, where=f"audit.models.{name}")
+    exported = copy.deepcopy(model)  # the job's device rewrites (runtime.Runtime.to_device) are the simulator's only
+    simulated = checkpoint.quantizer(model, ctx.rt, image_size, **quant)
+    test = data_.loader(test_set, evaluation["batch_size"], ctx.rt)
+    fp_preds, labels = evaluate.predict(simulated, test, ctx.rt, normalize=ctx.normalize)
+    fp_acc = evaluate.accuracy(fp_preds, labels)
+    subset = analysis.subset_loader(job, "test", analysis_settings["max_examples"])
+    cells = grid_cells(pairs, audit["cells"], simulated.num_layers, name)
+    found = simulate(ctx, model, simulated, name, cells, test, subset, labels, fp_acc, pairs=pairs, audit=audit,
+                     quant=quant, random_policy_seed=evaluation["random_policy_seed"], seconds=seconds)
+    with _timed(seconds, "runtime"):
+        deployed = run_in_runtime(ctx, exported, image_size, found.float_layers, test, fp_acc, audit["tolerated_drop"],
+                                  audit["runtime"], others)
+    if len(deployed.modules) != simulated.num_layers:
+        raise ValueError(f"the ONNX graph has {len(deployed.modules) + 1} Conv/Gemm nodes, the simulator "
+                         f"{simulated.num_layers + 1} layers")
     # per-example ranges (the runtime at batch 1, the simulator's minmax and percentile rules) have no
-    # coupling by construction: the mates' batch-1 accuracy is the reference of every curve
-    runners = {"runtime": deployed["runtime"]}
-    if deployed["runtime_float_layers"] is not deployed["runtime"]:
-        runners["runtime_float_layers"] = deployed["runtime_float_layers"]
-    frames = [coupling.curves(run, pixels, labels, attackers, normalize, batch_sizes=settings["batch_sizes"],
-                              batches=settings["batches"], seed=seed).assign(runner=name) for name, run in runners.items()]
-    return pd.concat(frames, ignore_index=True)
+    # coupling by construction: the runtime as served, and with the float layers kept
+    runners = {"runtime": deployed.session}
+    if deployed.session_float_layers is not deployed.session:
+        runners["runtime_float_layers"] = deployed.session_float_layers
+    with _timed(seconds, "coupling"):
+        points = coupling.measure(deployed.model, runners, image_size, subset,
+                                  analysis.subset_loader(job, "train", analysis_settings["max_examples"]), ctx.normalize,
+                                  audit["coupling"], analysis_settings["corruptions"], seed)
+    points.insert(0, "model", name)
+    worst = min(c.worst_acc for c in found.cells)
+    result = AuditResult(
+        model=name, arch=spec["arch"], clean_acc=fp_acc, test_images=int(len(labels)),
+        subset_images=int(len(subset.dataset)), tolerated_drop=float(audit["tolerated_drop"]), cells=found.cells,
+        float_layers=[deployed.modules[l] for l in found.float_layers],
+        nodes_to_exclude=[deployed.nodes[l] for l in found.float_layers],
+        simulated=Verdict.of(worst, fp_acc, audit["tolerated_drop"]), runtime=deployed.result,
+        coupling=tables.coupling_drops(points, ("runner", "kind", "batch_size")).to_dict("records"), cpu=deploy.cpu_features(), seconds=seconds)
+    write(result, found, deployed, points, out_dir, figure)
+    return result
+
+
+def write(result: AuditResult, found: Simulated, deployed: Deployed, points: pd.DataFrame, out_dir: Path,
+          figure: str | Path) -> None:
+    """cells.csv, sensitivity.csv, coupling.csv, the figure, and audit.json last (the job's done-marker)."""
+    order = fragility_order(found.drops)
+    sens = pd.DataFrame([dict(model=result.model, layer=l + 1, module=deployed.modules[l], onnx_node=deployed.nodes[l],
+                              bits=found.bits, acc=found.scan[l], drop=found.drops[l], rank=order.index(l) + 1,
+                              keep_float=l in found.float_layers) for l in range(len(found.scan))])
+    found.table[CELL_COLUMNS].to_csv(out_dir / "cells.csv", index=False)
+    sens[SENSITIVITY_COLUMNS].to_csv(out_dir / "sensitivity.csv", index=False)
+    points.to_csv(out_dir / "coupling.csv", index=False)
+    from .figures import audit_figure  # matplotlib and seaborn only here
+
+    audit_figure(sens, points, result.model, figure)
+    result.write(out_dir / "audit.json")
 
 
 def run_job(name: str, cfg: Mapping, *, network: Sequence[str], pairs: Sequence[str], json_path: str | Path,
-            figure: str | Path) -> dict:
+            figure: str | Path) -> AuditResult:
     """The workflow's audit job: ``cfg`` holds the keys its rule declares; ``network`` the
     pipeline's W checkpoint (with ``pairs``, its R and D pairs of the audited cells) or nothing
     for a model of ``audit.models``."""
@@ -438,10 +444,9 @@ def run_job(name: str, cfg: Mapping, *, network: Sequence[str], pairs: Sequence[
     others: dict[str, dict[str, str]] = {}
     for path in pairs:
         cell = checkpoint.cell(path)
-        others.setdefault({"robust": "R", "detrimental": "D"}[cell["mode"]], {})[f"{cell['version']}-{cell['budget']}"] = path
-    evaluate_ = cfg["evaluate"]
+        network_name = {"robust": "R", "detrimental": "D"}[cell["mode"]]
+        others.setdefault(network_name, {})[config.cell_name(cell["version"], cell["budget"])] = path
     return audit_model(name, spec, Path(json_path).parent, figure, seed=cfg["dataset"]["split_seed"],
                        dataset=cfg["dataset"], runtime=cfg["runtime"], quant=cfg["quant"], pairs=cfg["pairs"],
-                       audit={k: cfg["audit"][k] for k in AUDIT_KEYS}, max_examples=cfg["analysis"]["max_examples"],
-                       batch_size=evaluate_["batch_size"], random_policy_seed=evaluate_["random_policy_seed"],
-                       corruptions=cfg["analysis"]["corruptions"], others=others)
+                       audit={k: cfg["audit"][k] for k in AUDIT_KEYS},
+                       evaluation=cfg["evaluate"], analysis_settings=cfg["analysis"], others=others)

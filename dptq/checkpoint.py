@@ -7,9 +7,7 @@ num_layers). Resume files add ``optimizer``, ``scheduler``, ``epoch``, ``step`` 
 """
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,6 +16,7 @@ from pathlib import Path
 import torch
 
 from . import models
+from .files import atomic_write
 from .policy import BitPolicy
 from .quant import DynamicQuant
 
@@ -27,19 +26,8 @@ class CheckpointError(RuntimeError):
 
 
 def save(obj: Mapping, path: str | Path) -> None:
-    """Write ``obj`` to ``path`` atomically: a temporary file in the same folder, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(dict(obj), handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``obj`` to ``path`` atomically (:func:`dptq.files.atomic_write`)."""
+    atomic_write(path, lambda tmp: torch.save(dict(obj), tmp))
 
 
 def load(path: str | Path, kind: str | None = None, arch: str | None = None, recover: str = "",

@@ -160,7 +160,7 @@ def _cross_field_problems(cfg: Mapping):
     clash = sorted(set(archs) & set(audit["models"])) if audit["pipeline"] else []
     if clash:
         yield f"audit.models: {clash} also name pipeline networks (audit.pipeline audits every arch of kd.archs); rename the model(s)"
-    grid = [f"{v}-{b}" for v in pairs["versions"] for b in pairs["budgets"]]
+    grid = grid_cells(pairs)
     unknown = sorted(set(audit["cells"] or ()) - set(grid))
     if unknown:
         yield f"audit.cells: {unknown} are not cells of the grid ({', '.join(grid)}); use version-budget, or null for all"
@@ -194,6 +194,24 @@ PER_ARCH = {"kd": ("epochs", "batch_size"), "pairs": ("epochs", "lr", "alpha")}
 # Of those, the settings whose value for an arch may be a map mode -> value: the KD weight holds
 # the detrimental pair's FP accuracy near W, which its hinge pulls away and the robust hinge does not.
 PER_MODE = {"pairs": ("alpha",)}
+
+
+def cell_name(version: str, budget: str) -> str:
+    """A grid cell's name, ``{version}-{budget}`` (e.g. ``I-A``): the one spelling of a cell."""
+    return f"{version}-{budget}"
+
+
+def grid_cells(pairs: Mapping) -> list[str]:
+    """Every cell of the grid (``pairs.versions`` × ``pairs.budgets``), by name, versions first."""
+    return [cell_name(v, b) for v in pairs["versions"] for b in pairs["budgets"]]
+
+
+def cells(pairs: Mapping, names: Sequence[str] | None = None) -> dict[str, tuple[str, str]]:
+    """Cell name → (version, budget) for ``names`` (None: the whole grid); e.g. the audit's
+    ``audit.cells``, checked against the grid by :func:`check`."""
+    if names is None:
+        return {cell_name(v, b): (v, b) for v in pairs["versions"] for b in pairs["budgets"]}
+    return {name: tuple(name.partition("-")[::2]) for name in names}
 
 
 def seeds(cfg: Mapping) -> list[int]:

@@ -30,7 +30,7 @@ Attackers (all return pixels in [0, 1]):
 
 :func:`curves` measures the mates' accuracy at batch n with each attacker in a random slot,
 against the same mates at batch 1 (per-example ranges), with a clean n-th mate as the control
-``none``; :func:`summarize` gives the mean drop and its 95 % t-interval over batches.
+``none``; :func:`dptq.tables.coupling_drops` gives the mean drop and its 95 % t-interval over batches.
 A runner is any ``run(inputs, batch) -> logits`` on network inputs that runs consecutive chunks
 of ``batch`` examples: ``dptq.deploy.Session`` (the runtime) or :func:`simulator_runner`.
 """
@@ -40,14 +40,16 @@ from collections.abc import Callable, Mapping, Sequence
 
 import pandas as pd
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
 
+from . import int8
+from .corruptions import corrupt
 from .evaluate import accuracy
-from .quant import SCALE_FLOOR, DynamicQuant, activation_range
-from .tables import ci95
+from .quant import DynamicQuant, activation_range
 
 Runner = Callable[[Tensor, int], Tensor]
+RANGE_FLOOR = 1e-8  # a dead layer's range, where a log of ranges needs a finite value
 ToInput = Callable[[Tensor], Tensor]
 
 
@@ -84,7 +86,7 @@ def layer_ranges(quant: DynamicQuant, inputs: Tensor, grad: bool = False) -> Ten
 
 def range_score(quant: DynamicQuant, inputs: Tensor, reference: Tensor) -> Tensor:
     """[B] bits an input takes from the median reference example: Σ_l max(0, log2(r_l / median r_l))."""
-    median = layer_ranges(quant, reference).median(0).values.clamp_min(SCALE_FLOOR)
+    median = layer_ranges(quant, reference).median(0).values.clamp_min(RANGE_FLOOR)
     return torch.log2(layer_ranges(quant, inputs) / median).clamp_min(0).sum(1)
 
 
@@ -114,7 +116,7 @@ def _ascend(x: Tensor, objective: Callable[[Tensor, int], Tensor], steps: int, l
 
 def crude(quant: DynamicQuant, init: Tensor, to_input: ToInput, *, steps: int = 200, lr: float = 0.02) -> Tensor:
     """Pixels [3, H, W] maximising Σ_l log(hi_l - lo_l) of the full-precision network, from ``init``."""
-    return _ascend(init, lambda x, _: layer_ranges(quant, to_input(x[None]), grad=True).clamp_min(SCALE_FLOOR).log().sum(),
+    return _ascend(init, lambda x, _: layer_ranges(quant, to_input(x[None]), grad=True).clamp_min(RANGE_FLOOR).log().sum(),
                    steps, lr)
 
 
@@ -126,8 +128,9 @@ def craft(quant: DynamicQuant, mates: Tensor, to_input: ToInput, *, init: Tensor
 
     The defaults refine :func:`crude`'s result (``init``). The gradient through the range is
     d loss/d s = Σ g (round(x/s) - x/s): zero-mean rounding noise to first order, the damage of a
-    coarser step only to second order, so from a natural image this ascent is far weaker than
-    :func:`crude` (tests/test_coupling.py)."""
+    coarser step only to second order, so from a natural image this ascent rides on rounding noise:
+    on an Intel CPU it fell well short of :func:`crude`, on an AMD EPYC it beat it
+    (tests/test_coupling.py); start from :func:`crude` to be sure of its strength."""
     if quant.scale_rule != "batch" or not quant.range_grad:
         raise ValueError("coupling.craft needs DynamicQuant(..., scale_rule='batch', range_grad=True)")
     inputs = to_input(mates)
@@ -176,7 +179,27 @@ def curves(run: Runner, mates: Tensor, labels: Tensor, attackers: Mapping[str, T
     return pd.DataFrame(rows)
 
 
-def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """Per (kind, batch_size): batches, mean drop = clean_acc - mates_acc (points), ci95 its t half-width."""
-    drops = df.assign(drop=df.clean_acc - df.mates_acc).groupby(["kind", "batch_size"], sort=False)["drop"]
-    return drops.agg(batches="size", drop="mean", ci95=ci95).reset_index()
+def measure(model: nn.Module, runners: Mapping[str, Runner], image_size: int, evaluation, fit, to_input: ToInput,
+            settings: Mapping, corruptions: Mapping, seed: int) -> pd.DataFrame:
+    """What one batch-mate of each kind costs the others in each runner (name → ``run``, e.g. ONNX
+    Runtime's sessions), as tidy rows of :func:`curves` with a ``runner`` column.
+
+    ``model``: the float network the runners quantize; the attacks are optimised through its
+    like-for-like simulator's ``batch`` rule (:func:`dptq.int8.simulator_like_runtime`: it equals
+    the runtime at batch n), ``settings`` (``steps``, ``lr``, ``batch_sizes``, ``batches``) the
+    audit's coupling section. ``evaluation`` and ``fit``: loaders of disjoint images, the mates and
+    the attack's fit set; ``corruptions``: ``names`` and the ``degrees`` used for the corrupted
+    candidates."""
+    attack = int8.simulator_like_runtime(model, image_size, scale_rule="batch", range_grad=True)
+    pixels, labels = (torch.cat(t) for t in zip(*[(images.float(), y) for images, y in evaluation]))
+    fit_pixels = torch.cat([images.float() for images, _ in fit])
+    natural = pixels[largest_range_image(pixels, attack, to_input)]
+    candidates = torch.cat([corrupt(pixels, name, corruptions["degrees"], seed)[0] for name in corruptions["names"]
+                            if name != "distribution_shift"])  # the service's normalisation is not the attacker's
+    rough = crude(attack, natural, to_input, steps=settings["steps"], lr=settings["lr"])
+    attackers = {"natural": natural, "corrupted": worst_corrupted(pixels, attack, candidates, to_input), "crude": rough,
+                 "crafted": craft(attack, fit_pixels, to_input, init=rough, steps=settings["steps"], lr=settings["lr"],
+                                  seed=seed)}
+    frames = [curves(run, pixels, labels, attackers, to_input, batch_sizes=settings["batch_sizes"],
+                     batches=settings["batches"], seed=seed).assign(runner=name) for name, run in runners.items()]
+    return pd.concat(frames, ignore_index=True)

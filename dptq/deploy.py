@@ -1,4 +1,4 @@
-"""A real DPTQ runtime: ONNX export, ONNX Runtime dynamic int8 quantization, and the like-for-like simulator.
+"""The ONNX Runtime adapter: export, the nodes of a graph, dynamic int8 quantization, a session, the CPU.
 
 Contract. ``export`` writes the fp32 network with BatchNorm folded into the convolutions
 (w' = w·γ/√(var+ε), b' = (b−μ)·γ/√(var+ε)+β per output channel). ``quantize`` rewrites every
@@ -11,25 +11,25 @@ mode first turns Gemm into MatMul + Add, so the classifier is quantized too):
     output:   float(Σ (q_x − z_x) · q_w) · (s_x · s_w) + b      (int32 accumulation)
 
 min and max run over the whole input tensor of a node, batch included: a served batch shares one
-range per layer, batch 1 gives every example its own. ``simulator_like_runtime`` is
-``quant.DynamicQuant`` set up to compute the same thing, so the two agree up to float rounding.
+range per layer, batch 1 gives every example its own; an all-zero input gets s_x = 1 (z_x = 0).
+The same arithmetic in torch (the like-for-like simulator, the integer emulation) is
+:mod:`dptq.int8`, on the quantization parameters of :mod:`dptq.quant`.
 """
 from __future__ import annotations
 
 import copy
 import logging
-import os
 import platform
 import re
-import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from .quant import SCALE_FLOOR, DynamicQuant, activation_range, execution_order
+from .files import atomic_write
+from .graph import execution_order
 
 ONNX_TYPES = {nn.Conv2d: ("Conv",), nn.Linear: ("Gemm", "MatMul")}
 WEIGHT_TYPES = ("QInt8", "QUInt8")
@@ -37,20 +37,6 @@ WEIGHT_TYPES = ("QInt8", "QUInt8")
 
 class ExportError(ValueError):
     """torch.onnx.export could not convert a network."""
-
-
-def _atomic(path, write: Callable[[Path], None]) -> Path:
-    """``write(tmp)`` next to ``path``, then rename: a reader never sees a half-written model."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
 
 
 def export(model: nn.Module, image_size: int, path, *, opset: int = 17) -> Path:
@@ -79,7 +65,7 @@ def export(model: nn.Module, image_size: int, path, *, opset: int = 17) -> Path:
 
     try:
         model.eval()
-        return _atomic(path, write)
+        return atomic_write(path, write)
     finally:
         model.train(was_training)
 
@@ -167,7 +153,7 @@ def quantize(fp32_path, out_path, *, exclude: Sequence[str] = (), weight_type: s
     level = root.level
     root.setLevel(logging.ERROR)  # the quantizer logs every tensor it leaves alone, and a hint, on the root logger
     try:
-        return _atomic(out_path, lambda tmp: quantize_dynamic(
+        return atomic_write(out_path, lambda tmp: quantize_dynamic(
             Path(fp32_path), tmp, op_types_to_quantize=["Conv", "MatMul"], per_channel=per_channel,
             reduce_range=reduce_range, weight_type=QuantType[weight_type], nodes_to_exclude=excluded))
     finally:
@@ -221,178 +207,3 @@ def cpu_features() -> dict:
            "avx_vnni": "avx_vnni" in flags, "amx": "amx_int8" in flags, "onnxruntime": onnxruntime.__version__}
     out["u8s8_may_saturate"] = out["avx2"] and not (out["avx512_vnni"] or out["avx_vnni"])
     return out
-
-
-class _DropAct(nn.Module):
-    """What is left of a BatchNorm+activation module (timm's BatchNormAct2d) once its BN is folded."""
-
-    def __init__(self, drop: nn.Module, act: nn.Module):
-        super().__init__()
-        self.drop, self.act = drop, act
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.act(self.drop(x))
-
-
-def _consumers(outputs) -> dict[int, int]:
-    """How many autograd edges enter each graph node: a conv output with one edge feeds one op only."""
-    count: dict[int, int] = {}
-    stack = [t.grad_fn for t in outputs if isinstance(t, Tensor) and t.grad_fn is not None]
-    seen = {id(f) for f in stack}
-    while stack:
-        for fn, _ in stack.pop().next_functions:
-            if fn is not None:
-                count[id(fn)] = count.get(id(fn), 0) + 1
-                if id(fn) not in seen:
-                    seen.add(id(fn))
-                    stack.append(fn)
-    return count
-
-
-def _conv_bn_pairs(model: nn.Module, image_size: int) -> list[tuple[nn.Conv2d, nn.BatchNorm2d, str]]:
-    """(conv, bn, bn's name) where bn's input is conv's output and nothing else reads it, by one dry run.
-
-    The conv output is identified by its autograd node: an in-place edit in between changes the
-    node, another reader adds an edge to it. Each module must run exactly once.
-    """
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    bns = {m: name for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
-    produced: dict[int, nn.Conv2d] = {}  # id(grad_fn) of a conv output -> conv
-    calls: dict[nn.Module, int] = {}
-    fed: dict[nn.BatchNorm2d, object] = {}  # bn -> grad_fn of its input
-    keep = []  # holds the grad_fns alive so that ids stay unique during the run
-
-    def on_conv(m, _args, out):
-        calls[m] = calls.get(m, 0) + 1
-        produced[id(out.grad_fn)] = m
-        keep.append(out.grad_fn)
-
-    def on_bn(m, args):
-        calls[m] = calls.get(m, 0) + 1
-        fed[m] = args[0].grad_fn
-
-    hooks = [m.register_forward_hook(on_conv) for m in convs] + [m.register_forward_pre_hook(on_bn) for m in bns]
-    param = next(model.parameters())
-    x = torch.zeros(1, 3, image_size, image_size, device=param.device, dtype=param.dtype, requires_grad=True)
-    try:
-        with torch.enable_grad():
-            consumers = _consumers(torch.utils._pytree.tree_leaves(model(x)))
-    finally:
-        for h in hooks:
-            h.remove()
-    pairs = []
-    for bn, fn in fed.items():
-        conv = produced.get(id(fn))
-        if conv is not None and calls[conv] == calls[bn] == 1 and consumers.get(id(fn)) == 1:
-            pairs.append((conv, bn, bns[bn]))
-    return pairs
-
-
-def fold_batchnorm(model: nn.Module, *, image_size: int = 64) -> nn.Module:
-    """A deep copy in eval mode with every BatchNorm2d that only a Conv2d feeds folded into that conv.
-
-    The arithmetic is the ONNX exporter's (torch/csrc/jit/passes/onnx/eval_peephole.cpp), in the
-    weights' dtype: s = γ / √(var + ε), w' = w·s, b' = (b − μ)·s + β. A BN subclass that also runs
-    ``drop`` and ``act`` (timm's BatchNormAct2d) keeps them; any other BN (batch statistics, a
-    subclass of unknown behaviour, a BN no lone conv feeds) stays as it is.
-    """
-    model = copy.deepcopy(model).eval()
-    for conv, bn, name in _conv_bn_pairs(model, image_size):
-        if bn.running_var is None:
-            continue  # uses the batch's statistics: nothing to fold
-        if type(bn) is nn.BatchNorm2d:
-            rest = nn.Identity()
-        elif {n for n, _ in bn.named_children()} == {"drop", "act"}:
-            rest = _DropAct(bn.drop, bn.act)
-        else:
-            continue
-        with torch.no_grad():
-            s = bn.running_var.add(bn.eps).sqrt()
-            s = (bn.weight / s) if bn.weight is not None else 1 / s
-            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-            bias = bias.sub(bn.running_mean).mul(s)
-            conv.weight.mul_(s.reshape(-1, *[1] * (conv.weight.dim() - 1)))
-            conv.bias = nn.Parameter(bias.add(bn.bias) if bn.bias is not None else bias)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, rest)
-    return model
-
-
-def simulator_like_runtime(model: nn.Module, image_size: int, scale_rule: str = "minmax",
-                           range_grad: bool = False) -> DynamicQuant:
-    """``quant.DynamicQuant`` computing what the quantized ONNX model computes.
-
-    BN folded as the exporter folds it, 8-bit symmetric per-tensor weights (quant.fake_quant_weight:
-    s = max|w| / 127, round half to even, as ORT's quantize_data with symmetric=True, qmin = −127),
-    min/max activation ranges per example (``scale_rule="batch"``: per tensor, as ORT at batch n;
-    ``range_grad``: see quant.fake_quant_activation); run it with ``bits = torch.full((B, quant.num_layers), 8)``. The first
-    layer stays float, weights included, as ORT leaves the excluded first node (quantize it with
-    ``exclude=[node_names(...)[first layer]]``). Activations round as DynamicQuantizeLinear does,
-    round(x / s) + z (``rounding="onnx"``; torch's x · (1/s) + z moves MobileNetV4's logits by a
-    median 1.3e-4 against 1.3e-6). Differences left: with ``scale_rule="minmax"`` the range is per
-    example and ORT's per tensor, so they agree at batch 1 only (``"batch"``: at batch n); the
-    convolution sums run in float32 here and in int32 there.
-    """
-    folded = fold_batchnorm(model, image_size=image_size)
-    order = execution_order(folded, image_size)
-    quant = DynamicQuant(folded, layers=[m for _, m in order[1:]], weight_bits=8, scale_rule=scale_rule,
-                         range_grad=range_grad, image_size=image_size, rounding="onnx")
-    # DynamicQuant rounds every Conv2d/Linear weight; ORT leaves the excluded first layer float
-    quant.weight_names = [f"{name}.weight" for name, _ in order[1:]]
-    return quant
-
-
-class _IntegerLayer(nn.Module):
-    """A Conv2d or Linear computed as quantize_dynamic's graph does: DynamicQuantizeLinear on its
-    input, ConvInteger / MatMulInteger summed exactly (integers in float64), Cast to float32, Mul by
-    s_x · s_w, Add the bias."""
-
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.layer = layer
-        w = layer.weight.detach()
-        self.w_scale = (w.abs().amax() / 127).clamp_min(SCALE_FLOOR)
-        self.w_int = (w / self.w_scale).round().clamp(-127, 127).double()
-
-    def forward(self, x: Tensor) -> Tensor:
-        shape = (-1,) + (1,) * (x.dim() - 1)
-        lo, hi = activation_range(x, "minmax")  # each example's own range: the runtime at batch 1
-        scale = ((hi - lo) / 255).reshape(shape)
-        zero = torch.round(-lo.reshape(shape) / scale)
-        centred = (torch.div(x, scale).round() + zero).clamp(0, 255).sub(zero).double()
-        if isinstance(self.layer, nn.Conv2d):
-            acc = nn.functional.conv2d(centred, self.w_int, None, self.layer.stride, self.layer.padding,
-                                       self.layer.dilation, self.layer.groups)
-        else:
-            acc = nn.functional.linear(centred, self.w_int)
-        out = acc.float() * (scale * self.w_scale)
-        if self.layer.bias is not None:
-            out = out + self.layer.bias.reshape(-1, *[1] * (out.dim() - 2))
-        return out
-
-
-def integer_emulation(model: nn.Module, image_size: int) -> nn.Module:
-    """The quantized ONNX model's arithmetic in torch, as at batch 1: BN folded, every
-    Conv2d/Linear but the first as :class:`_IntegerLayer`. It tells a real difference between
-    simulator and runtime from float32 summation order (the simulator sums s_x·s_w·(q − z)·q_w in
-    float32, the runtime integers in int32: one ulp apart in a layer's maximum gives another step
-    s, which deep networks carry to the logits)."""
-    folded = fold_batchnorm(model, image_size=image_size)
-    for name, layer in execution_order(folded, image_size)[1:]:
-        # a Linear subclass still computes x·Wᵀ + b (timm's only casts); a Conv2d one may pad its own way
-        if isinstance(layer, nn.Conv2d) and (type(layer).forward is not nn.Conv2d.forward or layer.padding_mode != "zeros"):
-            raise ValueError(f"deploy.integer_emulation: {name} ({type(layer).__name__}) has its own forward; "
-                             "only Conv2d layers with the stock forward and zero padding can be emulated")
-        parent, _, child = name.rpartition(".")
-        setattr(folded.get_submodule(parent) if parent else folded, child, _IntegerLayer(layer))
-    return folded
-
-
-def agreement(sim_logits: Tensor, runtime_logits: Tensor) -> dict:
-    """Top-1 agreement (percent) and the median / max |Δlogit| over all logits."""
-    if sim_logits.shape != runtime_logits.shape:
-        raise ValueError(f"deploy.agreement: shapes differ, {tuple(sim_logits.shape)} vs {tuple(runtime_logits.shape)}")
-    a, b = sim_logits.detach().float().cpu(), runtime_logits.detach().float().cpu()
-    delta = (a - b).abs()
-    return {"top1_agreement": float((a.argmax(1) == b.argmax(1)).float().mean() * 100),
-            "median_abs_dlogit": float(delta.median()), "max_abs_dlogit": float(delta.max())}

@@ -38,6 +38,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from .claims import EFFECT_COLUMNS
+from .config import cell_name
 from .tables import SUMMARY_COLUMNS, TABLE1_COLUMNS, TABLE2_COLUMNS, TABLE3_COLUMNS, ci95, read_table
 
 # Figure kinds in report order; those of PER_ARCH have one figure per arch, stem "<kind>_<arch>".
@@ -99,7 +100,7 @@ def read(paths, kind: str) -> pd.DataFrame:
     if "highlighted" in df.columns:
         # CSV booleans (True/true/1) whatever pandas inferred.
         df["highlighted"] = df["highlighted"].astype(str).str.strip().str.lower().isin(["true", "1", "yes"])
-        df["cell"] = df["version"] + "-" + df["budget"]
+        df["cell"] = [cell_name(v, b) for v, b in zip(df["version"], df["budget"])]
     return df
 
 

@@ -1,5 +1,6 @@
-"""Bit-width policies (docs/method.md §2.7, §2.9): the small CNN that reads an image and scores every
-(layer, option) pair, the seeded random policy, and the allocation through the MCKP."""
+"""Bit-width policies (docs/method.md §2.7, §2.9, §2.21): the small CNN that reads an image and scores
+every (layer, option) pair, the seeded random policy, the static heuristics (the same profits for
+every image: uniform, greedy by fragility), and the allocation through the MCKP."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -60,6 +61,33 @@ class RandomPolicy:
         return draws.to(images.device)
 
 
+class StaticPolicy:
+    """The same profits ``[N, K]`` for every image (the uniform and greedy allocations)."""
+
+    def __init__(self, profits: Tensor):
+        self.profits = profits
+
+    def __call__(self, images: Tensor) -> Tensor:
+        return self.profits.to(images.device).expand(images.shape[0], -1, -1)
+
+
+def greedy_profits(drops: Sequence[float], options: Sequence[int]) -> Tensor:
+    """P[l, k] = −(r_l / N) · (o_k / max o), r_l = 1 + the number of layers less fragile than l
+    (ties: the later layer counts as more fragile, so the ranks are distinct and the answer
+    unique). A positive scale leaves the MCKP's answer as it is; this one keeps |P| ≤ 1, so a
+    policy that starts here (``audit.policy.start: greedy``) can learn away from it."""
+    order = sorted(range(len(drops)), key=lambda l: (drops[l], l))
+    rank = torch.empty(len(drops))
+    rank[torch.tensor(order)] = torch.arange(1, len(drops) + 1, dtype=torch.float32) / len(drops)
+    opts = torch.as_tensor(list(options), dtype=torch.float32)
+    return -rank[:, None] * (opts / opts.max())[None, :]
+
+
+def fragility_order(drops: Sequence[float]) -> list[int]:
+    """Layers (0-based), most fragile first (ties: the later layer first, as in :func:`greedy_profits`)."""
+    return sorted(range(len(drops)), key=lambda l: (-drops[l], -l))
+
+
 def profits_of(logits: Tensor, rule: str = "logits") -> Tensor:
     """Knapsack profits: the logits themselves or their row-wise softmax (``pairs.policy.profits``)."""
     if rule == "logits":
@@ -71,5 +99,5 @@ def profits_of(logits: Tensor, rule: str = "logits") -> Tensor:
 
 def allocate(policy, images: Tensor, options: Sequence[int], capacity: int, rule: str = "logits") -> Tensor:
     """Bit-widths ``[B, N]`` for ``images``: policy → profits → exact MCKP → M · options."""
-    allocation = mckp.solve(profits_of(policy(images).float(), rule), options, capacity)
-    return mckp.bits_of(allocation, options)
+    profits = profits_of(policy(images).float(), rule)
+    return mckp.bits_of(mckp.solve(profits, options, capacity), options)

@@ -10,7 +10,6 @@ no loop over examples.
 """
 from __future__ import annotations
 
-import functools
 import weakref
 from collections.abc import Sequence
 
@@ -18,34 +17,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .runtime import OnePixelConv2d
+from .graph import QUANTIZED_TYPES, execution_order
+from .runtime import OnePixelConv2d, windows_quantized_by
 
-QUANTIZED_TYPES = (nn.Conv2d, nn.Linear)
-SCALE_FLOOR = 1e-8  # keeps an all-zero (dead ReLU) example finite: s >= floor, zero maps to zero
-
-
-def execution_order(model: nn.Module, image_size: int = 64, device: str | torch.device | None = None) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every Conv2d/Linear of ``model`` in first-execution order, found by forward
-    hooks on one dry run in eval mode."""
-    names = {id(m): name for name, m in model.named_modules() if isinstance(m, QUANTIZED_TYPES)}
-    order: dict[int, tuple[str, nn.Module]] = {}
-
-    def record(module, _args):
-        order.setdefault(id(module), (names[id(module)], module))
-
-    handles = [m.register_forward_pre_hook(record) for m in model.modules() if id(m) in names]
-    if device is None:
-        device = next(model.parameters()).device
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, 3, image_size, image_size, device=device))
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
-    return list(order.values())
 
 
 def quantizable_layers(model: nn.Module, image_size: int = 64, device: str | torch.device | None = None) -> list[nn.Module]:
@@ -72,8 +46,40 @@ def _in_memory_order(t: Tensor) -> Tensor:
     return t.permute(sorted(range(t.dim()), key=lambda d: -t.stride(d)))
 
 
+# --- the quantization parameters: the one definition, ONNX Runtime's (tests/test_int8.py) ---------
+
+def weight_scale(m: Tensor, qmax: int) -> Tensor:
+    """Symmetric per-tensor scale s = max|m| / q, as ``onnxruntime.quantization.quantize_dynamic``
+    takes it (quant_utils.compute_scale_zp, symmetric); where that is below the smallest normal
+    float (an all-zero weight) s = 1, so every value rounds to 0."""
+    # max|m| = max(max m, -min m) in one read: no |m| copy, and no contiguous copy of a
+    # channels_last weight (aminmax makes one unless the view it gets is contiguous)
+    lo, hi = torch.aminmax(_in_memory_order(m))
+    scale = torch.maximum(hi, -lo) / qmax
+    return torch.where(scale < torch.finfo(scale.dtype).tiny, torch.ones_like(scale), scale)
+
+
+def activation_qparams(lo: Tensor, hi: Tensor, levels: Tensor) -> tuple[Tensor, Tensor]:
+    """Scale and zero point of the range [lo, hi] (lo <= 0 <= hi) on ``levels`` L = 2^b - 1 steps,
+    as ONNX Runtime's DynamicQuantizeLinear kernel takes them:
+
+        s = (hi - lo) / L, or s = 1 where hi = lo (an all-zero input: every value maps to z = 0),
+        z = round(-lo / s), half to even (in [0, L]: -lo <= hi - lo).
+    """
+    span = hi - lo
+    scale = torch.where(span > 0, span / levels, torch.ones_like(span))
+    return scale, torch.round(-lo / scale)
+
+
+def quantize_affine(x: Tensor, scale: Tensor, zero_point: Tensor, levels: Tensor, divide: bool = True) -> Tensor:
+    """q = clamp(round(x / s) + z, 0, L): the integers the runtime computes (as floats); ``divide``
+    False rounds as torch does, x · (1/s) + z (:func:`fake_quant_activation`)."""
+    return torch.minimum(_rounded(x, scale, zero_point, divide).clamp_(min=0), levels)
+
+
 def fake_quant_weight(w: Tensor, bits: int = 16, scale_of: Tensor | None = None) -> Tensor:
-    """Symmetric per-tensor fake quant: s = max|m| / q with q = 2^(b-1) - 1, ŵ = s · clamp(round(w/s), -q, q).
+    """Symmetric per-tensor fake quant: s = max|m| / q with q = 2^(b-1) - 1 (:func:`weight_scale`),
+    ŵ = s · clamp(round(w/s), -q, q).
 
     m is ``scale_of`` (default ``w`` itself): a part of a weight, such as a one-pixel
     convolution's kernel window, is quantized alone with its whole weight's scale. The gradient
@@ -85,11 +91,7 @@ def fake_quant_weight(w: Tensor, bits: int = 16, scale_of: Tensor | None = None)
     The weights of a network are large: keep passes over them few.
     """
     qmax = 2 ** (bits - 1) - 1
-    m = (w if scale_of is None else scale_of).detach()
-    # max|m| = max(max m, -min m) in one read: no |m| copy, and no contiguous copy of a
-    # channels_last weight (aminmax makes one unless the view it gets is contiguous)
-    lo, hi = torch.aminmax(_in_memory_order(m))
-    scale = (torch.maximum(hi, -lo) / qmax).clamp_min(SCALE_FLOOR)
+    scale = weight_scale((w if scale_of is None else scale_of).detach(), qmax)
     return _RoundWeight.apply(w, scale, qmax, qmax * torch.finfo(w.dtype).eps >= 0.25)
 
 
@@ -165,7 +167,7 @@ def fake_quant_activation(x: Tensor, bits: Tensor, scale_rule: str = "minmax", p
                           range_grad: bool = False, rounding: str = "torch") -> Tensor:
     """Dynamic asymmetric fake quant with each example's range (:func:`activation_range`) and integer zero point.
 
-    For example i with b = bits[i] and L = 2^b - 1:
+    For example i with b = bits[i] and L = 2^b - 1 (s and z: :func:`activation_qparams`):
         s = (hi - lo) / L,  z = round(-lo / s),  q = clamp(round(x / s + z), 0, L),  x̂ = s (q - z),
     computed as ``torch.fake_quantize_per_tensor_affine`` does (x · (1/s) + z, rounded half to
     even), or with ``rounding="onnx"`` as ONNX's DynamicQuantizeLinear does (round(x / s) + z: the
@@ -179,8 +181,8 @@ def fake_quant_activation(x: Tensor, bits: Tensor, scale_rule: str = "minmax", p
     dtype = torch.promote_types(x.dtype, torch.float32)  # bf16 activations quantize in float32
     lo, hi = activation_range(x, scale_rule, percentile, range_grad)
     levels = torch.exp2(bits.to(dtype)) - 1
-    scale = ((hi - lo).to(dtype) / levels).clamp_min(SCALE_FLOOR)
-    zero_point = torch.round(-lo.to(dtype) / scale).detach()
+    scale, zero_point = activation_qparams(lo.to(dtype), hi.to(dtype), levels)
+    zero_point = zero_point.detach()
     levels, scale, zero_point = (t.reshape(shape) for t in (levels, scale, zero_point))
     if rounding not in ROUNDINGS:
         raise ValueError(f"quant: unknown rounding {rounding!r}; use one of {ROUNDINGS}")
@@ -198,18 +200,31 @@ class DynamicQuant:
     ``quant(x, bits, mask)``: ``bits`` is ``[B, N]`` (layer ``l`` of example ``i`` gets
     ``bits[i, l]``), ``mask`` an optional sequence of N booleans choosing which layers'
     inputs are quantized (all by default). ``quant.model(x)`` stays the full-precision network.
-    ``scale_rule``, ``range_grad`` and ``rounding`` are those of :func:`fake_quant_activation`.
+    ``layers``: the N layers whose inputs are quantized (default :func:`quantizable_layers`);
+    ``weights``: the names of the modules whose weights are rounded to ``weight_bits`` (default
+    every Conv2d/Linear). ``scale_rule``, ``range_grad`` and ``rounding`` are those of
+    :func:`fake_quant_activation`; :meth:`with_scale_rule` gives the same network under another.
+    Several quantizers may hook one model: only the one being called acts.
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[nn.Module] | None = None, weight_bits: int = 16,
                  scale_rule: str = "minmax", percentile: float = 99.9, image_size: int = 64, range_grad: bool = False,
-                 rounding: str = "torch"):
-        self.model = model
+                 rounding: str = "torch", weights: Sequence[str] | None = None):
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"quant: unknown rounding {rounding!r}; use one of {ROUNDINGS}")
+        self.model, self.image_size = model, image_size
         self.layers = list(layers) if layers is not None else quantizable_layers(model, image_size)
         self.weight_bits, self.scale_rule, self.percentile, self.range_grad = weight_bits, scale_rule, percentile, range_grad
         self.rounding = rounding
-        self._owners = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, QUANTIZED_TYPES)}
-        self.weight_names = list(self._owners)
+        owners = {name: m for name, m in model.named_modules() if isinstance(m, QUANTIZED_TYPES)}
+        chosen = list(owners) if weights is None else list(weights)
+        unknown = [name for name in chosen if name not in owners]
+        if unknown:
+            raise ValueError(f"DynamicQuant: weights {unknown} are not Conv2d/Linear modules of {type(model).__name__}")
+        # a one-pixel convolution rounds only its kernel window, as it runs (runtime.windows_quantized_by);
+        # every other weight is rounded here and swapped in for the call
+        self._windowed = {owners[name]: f"{name}.weight" for name in chosen if isinstance(owners[name], OnePixelConv2d)}
+        self._whole = [f"{name}.weight" for name in chosen if not isinstance(owners[name], OnePixelConv2d)]
         self._bits: Tensor | None = None
         self._mask: list[bool] = []
         self._weight_cache: dict[str, tuple] = {}
@@ -219,6 +234,18 @@ class DynamicQuant:
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    def with_scale_rule(self, scale_rule: str) -> "DynamicQuant":
+        """The same network, layers and weights quantized under ``scale_rule`` (this one if it is its own)."""
+        if scale_rule == self.scale_rule:
+            return self
+        return DynamicQuant(self.model, self.layers, self.weight_bits, scale_rule, self.percentile, self.image_size,
+                            self.range_grad, self.rounding, [w.removesuffix(".weight") for w in self.weight_names])
+
+    @property
+    def weight_names(self) -> list[str]:
+        """The parameter names of the rounded weights."""
+        return [*self._whole, *self._windowed.values()]
 
     def _hook(self, index: int):
         # a weak reference: the model holds its hooks, and a hook holding this object would make a
@@ -247,21 +274,19 @@ class DynamicQuant:
             cached = self._weight_cache[name] = (key, fake_quant_weight(part.detach(), self.weight_bits, weight.detach()))
         return cached[1]
 
+    def _window(self, module: nn.Module, weight: Tensor, part: Tensor) -> Tensor:
+        name = self._windowed.get(module)
+        return part if name is None else self._quantized(name, weight, part)
+
     def __call__(self, x: Tensor, bits: Tensor, mask: Sequence[bool] | None = None) -> Tensor:
         if bits.shape != (x.shape[0], self.num_layers):
             raise ValueError(f"bits must have shape [B={x.shape[0]}, N={self.num_layers}], got {tuple(bits.shape)}")
-        # a one-pixel convolution rounds only its kernel window, as it runs (runtime.OnePixelConv2d);
-        # every other weight is rounded here and swapped in for this call
-        windowed = {name: self._owners[name] for name in self.weight_names if isinstance(self._owners[name], OnePixelConv2d)}
         params = dict(self.model.named_parameters())
-        weights = {name: self._quantized(name, params[name]) for name in self.weight_names if name not in windowed}
+        weights = {name: self._quantized(name, params[name]) for name in self._whole}
         self._bits = bits
         self._mask = [True] * self.num_layers if mask is None else [bool(m) for m in mask]
         try:
-            for name, module in windowed.items():
-                module.weight_quant = functools.partial(self._quantized, name)
-            return functional_call(self.model, weights, (x,), strict=False)
+            with windows_quantized_by(self._window):
+                return functional_call(self.model, weights, (x,), strict=False)
         finally:
             self._bits = None
-            for module in windowed.values():
-                module.weight_quant = None

@@ -34,9 +34,11 @@ import pandas as pd
 import yaml
 from pandas.io.formats.style import Styler
 
-from .figures import MAX_HISTOGRAM_LAYERS, NETWORKS, figure_kind, figure_names, read
 from . import claims
-from .tables import ci95
+from .audit_record import AuditResult
+from .config import cell_name
+from .figures import MAX_HISTOGRAM_LAYERS, NETWORKS, figure_kind, figure_names, read
+from .tables import ci95, coupling_drops
 
 POLICIES = {"robust": "π_R", "detrimental": "π_D", "random": "random"}
 MODES = ("robust", "detrimental")
@@ -313,54 +315,53 @@ def _claims_html(effect: pd.DataFrame, t3: pd.DataFrame, scan: pd.DataFrame, thr
             "depth": _html(claims.failure_depth(scan), "failure-depth")}
 
 
-def _audit_html(records: Sequence[Mapping]) -> dict[str, str] | None:
-    """The audit section's tables: the verdicts first, then per model the simulated cells, the
-    runtime check and the batch coupling in the runtime (mean drop ± 95 % t half-width)."""
-    if not records:
+def _audit_html(results: Sequence[AuditResult], cells: pd.DataFrame, points: pd.DataFrame) -> dict[str, str] | None:
+    """The audit section's tables: the verdicts first, then per model the simulated cells (cells.csv),
+    the runtime check and the batch coupling in the runtime (coupling.csv: mean drop ± 95 % t half-width)."""
+    if not results:
         return None
     verdicts = pd.DataFrame([{
-        "model": r["model"], "arch": r["arch"], "clean acc": r["clean_acc"], "tolerated drop": r["tolerated_drop"],
-        "simulated worst acc": r["simulated_worst_acc"], "simulated verdict": r["simulated_verdict"],
-        "runtime int8 acc": r["runtime_acc"], "runtime verdict": r["runtime_verdict"],
-        "float layers": ", ".join(r["float_layers"]) or "none",
-        "runtime acc, float layers": r["runtime_acc_float_layers"]} for r in records])
-    cells = pd.DataFrame([{"model": r["model"], "cell": key.removeprefix("worst_acc_"),
-                           **{p: r[f"{p}_acc_{key.removeprefix('worst_acc_')}"] for p in ("uniform", "random", "greedy", "learned")},
-                           "worst": r[key], "worst policy": r[f"worst_policy_{key.removeprefix('worst_acc_')}"],
-                           "worst, float layers kept": r[f"worst_acc_float_layers_{key.removeprefix('worst_acc_')}"]}
-                          for r in records for key in r if re.fullmatch(r"worst_acc_[^_]+-[^_]+", key)])
-    runtime = pd.DataFrame([{"model": r["model"], "top-1 agreement (%)": r["agreement_top1_agreement"],
-                             "median |Δlogit|": f"{r['agreement_median_abs_dlogit']:.2g}",
-                             "max |Δlogit|": f"{r['agreement_max_abs_dlogit']:.2g}",
-                             "integer emulation: median |Δlogit|": f"{r['emulation_median_abs_dlogit']:.2g}"
-                             if "emulation_median_abs_dlogit" in r else "–",
-                             "CPU": r["cpu_model"], "VNNI": r["cpu_avx512_vnni"] or r["cpu_avx_vnni"],
-                             "u8s8 may saturate": r["cpu_u8s8_may_saturate"],
-                             **{k.removeprefix("runtime_acc_"): v for k, v in r.items() if re.fullmatch(r"runtime_acc_[RD]_.+", k)}}
-                            for r in records])
-    rows = []
-    for r in records:
-        for key, drop in r.items():
-            found = re.fullmatch(r"coupling_drop_(runtime_float_layers|runtime)_(.+)_n(\d+)", key)
-            if found:
-                runner, kind, n = found.groups()
-                rows.append({"model": r["model"], "runner": runner, "attacker": kind, "n": int(n),
-                             "drop": _pm(drop, r[key.replace("_drop_", "_ci95_")], signed=True)})
-    coupling = pd.DataFrame(rows).pivot_table(index=["model", "runner", "attacker"], columns="n", values="drop",
-                                              aggfunc="first", sort=False).reset_index()
-    return {"verdicts": _html(verdicts, "audit-verdicts"), "cells": _html(cells, "audit-cells"),
-            "runtime": _html(runtime, "audit-runtime"), "coupling": _html(coupling, "audit-coupling")}
+        "model": r.model, "arch": r.arch, "clean acc": r.clean_acc, "tolerated drop": r.tolerated_drop,
+        "simulated worst acc": r.simulated.acc, "simulated verdict": r.simulated.verdict,
+        "runtime int8 acc": r.runtime.verdict.acc, "runtime verdict": r.runtime.verdict.verdict,
+        "float layers": ", ".join(r.float_layers) or "none",
+        "runtime acc, float layers": r.runtime.acc_float_layers} for r in results])
+    controllers = cells[cells["policy"] != "fp"]
+    wide = controllers.pivot_table(index=["model", "version", "budget"], columns="policy", values="acc",
+                                   aggfunc="first", sort=False)
+    kept = {(r.model, c.cell): c.worst_acc_float_layers for r in results for c in r.cells}
+    wide = wide.assign(**{"worst": wide.min(axis=1), "worst policy": wide.idxmin(axis=1)}).reset_index()
+    wide.insert(1, "cell", [cell_name(v, b) for v, b in zip(wide["version"], wide["budget"])])
+    wide["worst, float layers kept"] = [kept[(m, c)] for m, c in zip(wide["model"], wide["cell"])]
+    runtime = pd.DataFrame([{"model": r.model, "top-1 agreement (%)": r.runtime.simulator.top1_agreement,
+                             "median |Δlogit|": f"{r.runtime.simulator.median_abs_dlogit:.2g}",
+                             "max |Δlogit|": f"{r.runtime.simulator.max_abs_dlogit:.2g}",
+                             "integer emulation: median |Δlogit|": f"{r.runtime.emulation.median_abs_dlogit:.2g}"
+                             if r.runtime.emulation else "–",
+                             "CPU": r.cpu["cpu_model"], "VNNI": r.cpu["avx512_vnni"] or r.cpu["avx_vnni"],
+                             "u8s8 may saturate": r.cpu["u8s8_may_saturate"],
+                             **{f"{o['network']}_{o['cell']}": o["runtime_acc"] for o in r.runtime.others}}
+                            for r in results])
+    summary = coupling_drops(points, ("model", "runner", "kind", "batch_size"))
+    summary["drop"] = [_pm(d, h, signed=True) for d, h in zip(summary["drop"], summary["ci95"])]
+    table = summary.rename(columns={"kind": "attacker", "batch_size": "n"}).pivot_table(
+        index=["model", "runner", "attacker"], columns="n", values="drop", aggfunc="first", sort=False).reset_index()
+    return {"verdicts": _html(verdicts, "audit-verdicts"),
+            "cells": _html(wide.drop(columns=["version", "budget"]), "audit-cells"),
+            "runtime": _html(runtime, "audit-runtime"), "coupling": _html(table, "audit-coupling")}
 
 
 # ---------------------------------------------------------------- the page
 
 def build(tables: Mapping, remedy, layer_scan, figures_dir, captions_dir, benchmarks_dir, config: Mapping, html_path,
-          metrics_path, audits: Sequence[str | Path] = ()) -> None:
+          metrics_path, audits: Sequence[str | Path] = (), audit_cells: Sequence[str | Path] = (),
+          audit_coupling: Sequence[str | Path] = ()) -> None:
     """Write the self-contained report page and the headline metrics JSON.
 
     ``tables``: paths under the keys ``table1``, ``summary``, ``table2``, ``table3``, ``effect``;
     ``remedy`` and ``layer_scan``: the remedy.csv and layer_scan.csv paths (one per seed and arch);
-    ``audits``: the audit.json of every audited model (their figures lie in ``figures_dir``);
+    ``audits``, ``audit_cells``, ``audit_coupling``: the audit.json, cells.csv and coupling.csv of
+    every audited model (their figures lie in ``figures_dir``);
     ``captions_dir``: the folder of the caption
     ``.rst`` files; ``config``: the merged config, shown whole (and the few values the text
     quotes). Reads every input before writing anything, so a missing one fails with its name
@@ -378,13 +379,15 @@ def build(tables: Mapping, remedy, layer_scan, figures_dir, captions_dir, benchm
     captions = {name: caption(captions_dir, name) for name in ("table1", "table1_summary", "table2", "table3", "effect")}
     times = runtimes(benchmarks_dir)
     metrics = headline(summary, t2, effect)
-    records = [json.loads(Path(p).read_text()) for p in audits]
-    if records:
-        metrics["audit"] = {r["model"]: {"simulated_verdict": r["simulated_verdict"], "runtime_verdict": r["runtime_verdict"],
-                                         "simulated_drop": r["simulated_drop"], "runtime_drop": r["runtime_drop"]}
-                            for r in records}
-    audit_images = [_image(Path(figures_dir), f"audit_{r['model']}", captions_dir,
-                           caption(captions_dir, "audit", model=r["model"])) for r in records]
+    results = [AuditResult.read(p) for p in audits]
+    if results:
+        metrics["audit"] = {r.model: {"simulated_verdict": r.simulated.verdict, "runtime_verdict": r.runtime.verdict.verdict,
+                                      "simulated_drop": r.simulated.drop, "runtime_drop": r.runtime.verdict.drop}
+                            for r in results}
+    audit_tables = _audit_html(results, pd.concat([pd.read_csv(p) for p in audit_cells]) if results else None,
+                               pd.concat([pd.read_csv(p) for p in audit_coupling]) if results else None)
+    audit_images = [_image(Path(figures_dir), f"audit_{r.model}", captions_dir,
+                           caption(captions_dir, "audit", model=r.model)) for r in results]
     ref = paper()
 
     page = _PAGE.get_template("report.html.j2").render(
@@ -399,7 +402,7 @@ def build(tables: Mapping, remedy, layer_scan, figures_dir, captions_dir, benchm
         table1_tidy=_rows_html(t1, "table1-tidy", "delta"),
         table2=_table2_html(t2), table3=_table3_html(t3),
         claims=_claims_html(effect, t3, scan, config["evaluate"]["effect"]),
-        audit=_audit_html(records), audit_images=audit_images,
+        audit=audit_tables, audit_images=audit_images,
         remedy=_html(rem.assign(delta=rem["q_acc"] - rem["fp_acc"]), "remedy", signed=["delta"]),
         runtimes=_html(times, "runtimes") if len(times) else None,
         versions=_html(pd.DataFrame(list(versions().items()), columns=["package", "version"]), "versions"))

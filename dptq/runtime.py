@@ -3,6 +3,7 @@ and the exact rewrite of convolutions that see a single pixel (:class:`OnePixelC
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import ctypes.util
 import random
@@ -12,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from . import graph
 
 
 class Runtime:
@@ -32,13 +35,18 @@ class Runtime:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         torch.set_num_threads(threads)
         keep_freed_memory()
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
+        self.reseed()
         if self.dev.type == "cuda":
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+
+    def reseed(self) -> None:
+        """Seed Python's, NumPy's and torch's generators with the job's seed: what follows draws the
+        same numbers whatever ran before it."""
+        random.seed(self.seed)
+        np.random.seed(self.seed % 2**32)
+        torch.manual_seed(self.seed)
 
     def autocast(self):
         """bf16 autocast on CUDA when ``runtime.bf16``; a no-op on the CPU (keeps CPU runs exact)."""
@@ -81,23 +89,44 @@ class OnePixelConv2d(nn.Conv2d):
     other tap is exactly zero. Why bother: oneDNN's CPU backward of the padded form is
     pathological (ResNet18's 3x3 convolutions on the 1x1 maps of its last stage at 32 px: 53 ms
     per backward against 3 ms per forward, bench/NOTES.md). Any other input size takes the
-    ordinary path.
+    ordinary path. Inside :func:`windows_quantized_by` only the window is ever rounded.
     """
 
-    input_hw: tuple[int, int]
-    # set by dptq.quant.DynamicQuant for a quantized pass: weight_quant(weight, part) fake-quantizes
-    # part of the weight with the whole weight's scale, so only the window is ever rounded
-    weight_quant: Callable[..., Tensor] | None = None
+    def __init__(self, conv: nn.Conv2d, input_hw: tuple[int, int]):
+        """The convolution ``conv`` (its parameters shared, not copied) for ``input_hw`` inputs."""
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                         conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, device="meta")
+        self.weight, self.bias = conv.weight, conv.bias
+        self.input_hw = input_hw
+        self.train(conv.training)
 
     def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         (h, w), (ph, pw) = self.input_hw, self.padding
         one_pixel = tuple(x.shape[-2:]) == self.input_hw
         part = _KernelWindow.apply(weight, ph, pw, h, w) if one_pixel else weight
-        if self.weight_quant is not None:
-            part = self.weight_quant(weight, part)
+        quantize = _WINDOW_QUANT.get()
+        if quantize is not None:
+            part = quantize(self, weight, part)
         if not one_pixel:
             return super()._conv_forward(x, part, bias)
         return F.conv2d(x, part, bias, groups=self.groups)
+
+
+# set by windows_quantized_by for one quantized pass: quantize(module, weight, part)
+_WINDOW_QUANT: contextvars.ContextVar[Callable[[nn.Module, Tensor, Tensor], Tensor] | None] = \
+    contextvars.ContextVar("window_quant", default=None)
+
+
+@contextlib.contextmanager
+def windows_quantized_by(quantize: Callable[[nn.Module, Tensor, Tensor], Tensor]):
+    """Within the block, every :class:`OnePixelConv2d` convolves with ``quantize(module, weight,
+    part)`` in place of ``part`` (its kernel window, or the whole weight off its input size):
+    ``dptq.quant.DynamicQuant`` rounds only the window, with the whole weight's scale."""
+    token = _WINDOW_QUANT.set(quantize)
+    try:
+        yield
+    finally:
+        _WINDOW_QUANT.reset(token)
 
 
 class _KernelWindow(torch.autograd.Function):
@@ -122,33 +151,24 @@ class _KernelWindow(torch.autograd.Function):
 
 
 def fold_one_pixel_convs(model: nn.Module, image_size: int) -> int:
-    """Turn every plain ``nn.Conv2d`` of ``model`` that :class:`OnePixelConv2d` covers, at
-    ``image_size`` inputs, into one (found by one dry run; weights and state dict unchanged).
-    Returns how many were turned."""
-    seen: dict[nn.Conv2d, tuple[int, ...]] = {}
-    candidates = [m for m in model.modules() if type(m) is nn.Conv2d and m.padding_mode == "zeros"
-                  and m.dilation == (1, 1) and not isinstance(m.padding, str)]
-    if not candidates:
+    """Replace every plain ``nn.Conv2d`` of ``model`` that :class:`OnePixelConv2d` covers, at
+    ``image_size`` inputs, by one (found by one dry run; parameters shared, state dict unchanged).
+    Returns how many were replaced."""
+    names = {m: name for name, m in model.named_modules() if type(m) is nn.Conv2d and m.padding_mode == "zeros"
+             and m.dilation == (1, 1) and not isinstance(m.padding, str)}
+    if not names:
         return 0
+    seen: dict[nn.Conv2d, tuple[int, ...]] = {}
 
     def record(module, args, out):
         seen.setdefault(module, (*args[0].shape[-2:], *out.shape[-2:]))
 
-    handles = [m.register_forward_hook(record) for m in candidates]
-    was_training = model.training
-    try:
-        parameter = next(model.parameters())
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, 3, image_size, image_size, device=parameter.device, dtype=parameter.dtype))
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
+    with torch.no_grad():
+        graph.dry_run(model, image_size, post=dict.fromkeys(names, record))
     folded = 0
     for m, (h, w, out_h, out_w) in seen.items():
         (kh, kw), (ph, pw) = m.kernel_size, m.padding
         if (out_h, out_w) == (1, 1) and (kh, kw) != (h, w) and ph + h <= kh and pw + w <= kw:
-            m.__class__ = OnePixelConv2d
-            m.input_hw = (h, w)
+            graph.replace(model, names[m], OnePixelConv2d(m, (h, w)))
             folded += 1
     return folded

@@ -108,6 +108,13 @@ def ci95(values: pd.Series, level: float = 0.95) -> float:
     return float(stats.t.ppf((1 + level) / 2, n - 1) * values.std(ddof=1) / math.sqrt(n))
 
 
+def coupling_drops(points: pd.DataFrame, by: Sequence[str] = ("kind", "batch_size")) -> pd.DataFrame:
+    """Batch coupling's tidy rows (dptq.coupling.curves) per ``by``: batches, the mean drop =
+    clean_acc - mates_acc (points) and ci95, its t half-width over the batches."""
+    drops = points.assign(drop=points.clean_acc - points.mates_acc).groupby(list(by), sort=False)["drop"]
+    return drops.agg(batches="size", drop="mean", ci95=ci95).reset_index()
+
+
 def summarize(table1: pd.DataFrame, max_fp_gap: float, budget_levels: Mapping[str, float],
               effect: pd.DataFrame) -> pd.DataFrame:
     """Per (arch, version, budget, mode): ``n_seeds``, mean and :func:`ci95` of fp_acc, q_acc, delta

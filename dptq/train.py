@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from . import budgets, checkpoint, models
+from .files import atomic_write
 from .data import Data, mixup, network_input, batch_order
 from .losses import hinge_loss, kd_loss
 from .policy import BitPolicy, allocate, even_profits
@@ -317,14 +318,13 @@ def resume_path(out: str | Path) -> Path:
 
 
 def _write_metrics(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as handle:
-        fields = list(dict.fromkeys(k for row in rows for k in row))
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
 
 
 class _Sigterm:
@@ -507,14 +507,16 @@ _OPTIMISATION = ("epochs", "optimizer", "lr", "min_lr", "warmup_epochs", "moment
                  "randaugment")
 
 
-def _recipe(section: Mapping, val_batch_size: int, **stage_only) -> Recipe:
+def recipe(section: Mapping, val_batch_size: int, **stage_only) -> Recipe:
+    """The optimisation recipe of a config section (its epochs, optimizer, lr, ... keys); ``stage_only``:
+    the settings only some stages have (``grad_clip``, ``select_best``, ``mixup_alpha``)."""
     return Recipe(**{k: section[k] for k in _OPTIMISATION}, val_batch_size=val_batch_size, **stage_only)
 
 
 def train_teacher(seed: int, out: str | Path, metrics: str | Path, *, dataset: Mapping, runtime: Mapping,
                   teacher: Mapping, val_batch_size: int) -> None:
     rt, data = Runtime(seed, **runtime), Data(**dataset)
-    stage = TeacherStage(_recipe(teacher, val_batch_size), data, rt, teacher["arch"], teacher["pretrained"],
+    stage = TeacherStage(recipe(teacher, val_batch_size), data, rt, teacher["arch"], teacher["pretrained"],
                          teacher["label_smoothing"])
     fit(stage, seed, out, metrics)
 
@@ -524,8 +526,8 @@ def distill(seed: int, arch: str, teacher: str | Path, out: str | Path, metrics:
     """``kd``: the kd section with its per-arch values resolved for ``arch``."""
     rt, data = Runtime(seed, **runtime), Data(**dataset)
     ckpt = checkpoint.load(teacher, kind="teacher", recover="re-run the teacher stage (snakemake teacher)")
-    recipe = _recipe(kd, val_batch_size, mixup_alpha=kd["mixup_alpha"])
-    fit(DistillStage(recipe, data, rt, arch, ckpt, kd["temperature"]), seed, out, metrics)
+    stage_recipe = recipe(kd, val_batch_size, mixup_alpha=kd["mixup_alpha"])
+    fit(DistillStage(stage_recipe, data, rt, arch, ckpt, kd["temperature"]), seed, out, metrics)
 
 
 def train_pair(seed: int, arch: str, version: str, budget: str, mode: str, network: str | Path, out: str | Path,
@@ -538,7 +540,7 @@ def train_pair(seed: int, arch: str, version: str, budget: str, mode: str, netwo
     ckpt = checkpoint.load(network, kind="distill", arch=arch, recover=f"re-run the distillation of {arch}")
     cell = dict(version=version, budget=budget, mode=mode, bit_range=pairs["versions"][version],
                 level=pairs["budgets"][budget], offset=pairs["budget_offset"][version])
-    recipe = _recipe(pairs, val_batch_size, grad_clip=pairs["grad_clip"], select_best=pairs["select_best"])
-    stage = PairStage(recipe, data, rt, ckpt, cell, quant, pairs["policy"], pairs["margin"], pairs["alpha"],
+    stage_recipe = recipe(pairs, val_batch_size, grad_clip=pairs["grad_clip"], select_best=pairs["select_best"])
+    stage = PairStage(stage_recipe, data, rt, ckpt, cell, quant, pairs["policy"], pairs["margin"], pairs["alpha"],
                       pairs["beta"], temperature)
     fit(stage, seed, out, metrics)

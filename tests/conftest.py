@@ -1,4 +1,5 @@
-"""Shared fixtures: a private copy of the project, and the smoke DAG run once per session.
+"""Shared fixtures: a private copy of the project, the smoke DAG run once per session, and the
+small int8 test networks (tests/small_nets.py).
 
 Pipelines run in subprocesses with the venv's ``bin`` first on ``PATH`` (dvc.yaml calls
 ``python``) and one torch thread, each in a temporary copy of the project's tracked and
@@ -16,6 +17,7 @@ import yaml
 
 from dptq import config
 
+pytest_plugins = ["small_nets"]
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SMOKE_TIMEOUT_S = 1800

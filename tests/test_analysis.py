@@ -191,8 +191,7 @@ def write_checkpoints(cfg: dict, root: Path) -> tuple[Path, list[Path]]:
 
 
 def start(cfg: dict, seed: int = SEED) -> analysis.Job:
-    return analysis.Job.start(seed, dataset=cfg["dataset"], runtime=cfg["runtime"], quant=cfg["quant"],
-                              profits=cfg["pairs"]["policy"]["profits"], batch_size=cfg["evaluate"]["batch_size"])
+    return analysis.Job.from_config(seed, cfg)
 
 
 @pytest.fixture(scope="module")

@@ -144,9 +144,9 @@ def test_snakemake_smoke_run_leaves_every_output(smoke_run):
     audited = cfg["kd"]["archs"]  # audit.pipeline: the first seed's W of every arch
     for model in audited:
         record = json.loads((smoke_run / f"results/audit/{model}/audit.json").read_text())
-        assert record["simulated_verdict"] in ("pass", "fail") and record["runtime_verdict"] in ("pass", "fail")
-        assert 0 <= record["runtime_acc"] <= 100 and record["agreement_top1_agreement"] >= 99, record
-        assert len(record["nodes_to_exclude"]) == record["num_float_layers"] <= cfg["audit"]["max_float_layers"]
+        assert record["simulated"]["verdict"] in ("pass", "fail") and record["runtime"]["verdict"]["verdict"] in ("pass", "fail")
+        assert 0 <= record["runtime"]["verdict"]["acc"] <= 100 and record["runtime"]["simulator"]["top1_agreement"] >= 99, record
+        assert len(record["nodes_to_exclude"]) == len(record["float_layers"]) <= cfg["audit"]["max_float_layers"]
         for name in ("cells", "sensitivity", "coupling"):
             assert not pd.read_csv(smoke_run / f"results/audit/{model}/{name}.csv").empty, (model, name)
         assert (smoke_run / f"results/figures/audit_{model}.png").read_bytes().startswith(b"\x89PNG")

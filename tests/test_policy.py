@@ -1,9 +1,12 @@
-"""dptq.policy: shapes, budget met exactly, seeded random policy, gradient into the policy."""
+"""dptq.policy: shapes, budget met exactly, seeded random policy, gradient into the policy, the
+greedy heuristic against brute force."""
+import itertools
+
 import pytest
 import torch
 
 from dptq import mckp
-from dptq.policy import BitPolicy, RandomPolicy, allocate, profits_of
+from dptq.policy import BitPolicy, RandomPolicy, allocate, fragility_order, greedy_profits, profits_of
 
 torch.set_num_threads(1)
 OPTIONS = list(range(4, 11))
@@ -59,3 +62,25 @@ def test_even_start_gives_every_image_the_most_even_allocation():
     # the default start is not even: images get different allocations
     bits = allocate(BitPolicy(20, 7, input_size=16, width=8), torch.randn(6, 3, 16, 16), OPTIONS, 130)
     assert len({tuple(row) for row in bits.tolist()}) > 1
+
+
+@pytest.mark.parametrize("drops, options, capacity", [
+    ([0.0, 5.0, 1.0, 3.0], [3, 4, 5, 6], 17),
+    ([2.0, 2.0, 0.0, 7.0, 1.0], [3, 4, 5, 6, 7], 24),   # a tie: the later layer counts as more fragile
+    ([0.0, 0.0, 0.0], [5, 6, 7], 17),
+    ([1.0, 9.0, 4.0, 4.0, 0.5, 2.0], [3, 5, 8], 31),  # options with gaps
+])
+def test_greedy_rule_gives_the_lowest_bits_to_the_most_fragile_layers(drops, options, capacity):
+    """Brute force: of every allocation that meets the budget exactly, the one whose bits, read
+    from the most fragile layer down, are lexicographically smallest."""
+    order = fragility_order(drops)
+    feasible = [a for a in itertools.product(options, repeat=len(drops)) if sum(a) == capacity]
+    expected = min(feasible, key=lambda a: [a[l] for l in order])
+    profits = greedy_profits(drops, options)[None]
+    got = mckp.bits_of(mckp.solve(profits, options, capacity), options)[0].tolist()
+    assert got == list(expected)
+    assert profits.abs().max() <= 1
+
+
+def test_fragility_order_breaks_ties_towards_the_later_layer():
+    assert fragility_order([1.0, 3.0, 1.0, 0.0]) == [1, 2, 0, 3]

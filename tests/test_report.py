@@ -418,24 +418,33 @@ def test_columns_match_the_writers():
         assert set(figures.COLUMNS[kind]) <= set(columns), kind
 
 
-def test_audit_section_states_the_verdicts_first_with_their_numbers():
-    """One audit record (as dptq.audit writes it) becomes the verdict table (first), the cells, the
-    runtime check and the coupling table, each value from the record."""
-    record = {"model": "mine", "arch": "resnet18", "clean_acc": 98.0, "tolerated_drop": 1.0,
-              "simulated_worst_acc": 90.0, "simulated_verdict": "fail", "runtime_acc": 97.5, "runtime_verdict": "pass",
-              "float_layers": ["layer4.0.conv1"], "runtime_acc_float_layers": 97.9,
-              **{f"{p}_acc_I-A": a for p, a in (("uniform", 97.0), ("random", 96.0), ("greedy", 93.0), ("learned", 90.0))},
-              "worst_acc_I-A": 90.0, "worst_policy_I-A": "learned", "worst_acc_float_layers_I-A": 97.2,
-              "agreement_top1_agreement": 100.0, "agreement_median_abs_dlogit": 3e-8, "agreement_max_abs_dlogit": 2e-6,
-              "cpu_model": "x86", "cpu_avx512_vnni": False, "cpu_avx_vnni": False, "cpu_u8s8_may_saturate": True,
-              "runtime_acc_D_I-A": 95.0,
-              "coupling_drop_runtime_crude_n8": 4.25, "coupling_ci95_runtime_crude_n8": 1.5,
-              "coupling_drop_runtime_float_layers_crude_n8": 0.5, "coupling_ci95_runtime_float_layers_crude_n8": 0.25}
-    html = report._audit_html([record])
+def test_audit_section_states_the_verdicts_first_with_their_numbers(tmp_path):
+    """One audit (its record as dptq.audit writes it, read back, with its cells.csv and coupling.csv
+    rows) becomes the verdict table (first), the cells, the runtime check and the coupling table,
+    each value from those files."""
+    from dptq.audit_record import Agreement, AuditResult, CellResult, RuntimeResult, Verdict
+
+    acc = {"uniform": 97.0, "random": 96.0, "greedy": 93.0, "learned": 90.0}
+    result = AuditResult(
+        model="mine", arch="resnet18", clean_acc=98.0, test_images=40, subset_images=40, tolerated_drop=1.0,
+        cells=[CellResult("I-A", acc, 90.0, "learned", True, 97.2)], float_layers=["layer4.0.conv1"],
+        nodes_to_exclude=["/layer4/layer4.0/conv1/Conv"], simulated=Verdict(90.0, 8.0, "fail"),
+        runtime=RuntimeResult(Verdict(97.5, 0.5, "pass"), 97.9, 98.0, 97.5, Agreement(100.0, 3e-8, 2e-6),
+                              Agreement(100.0, 0.0, 1e-7), None, {"per_channel": False},
+                              [{"network": "D", "cell": "I-A", "fp_acc": 97.0, "runtime_acc": 95.0}]),
+        coupling=[], cpu={"cpu_model": "x86", "avx512_vnni": False, "avx_vnni": False, "u8s8_may_saturate": True},
+        seconds={})
+    cells = pd.DataFrame([dict(model="mine", version="I", budget="A", policy=p, network="N", acc=a, fp_acc=98.0,
+                               drop=98.0 - a) for p, a in {"fp": 98.0, **acc}.items()])
+    points = pd.DataFrame([dict(model="mine", kind="crude", batch_size=8, batch_index=b, mates_acc=m, clean_acc=c,
+                                runner=r) for r, rows in (("runtime", [(90.0, 95.0), (91.5, 95.0)]),
+                                                          ("runtime_float_layers", [(94.5, 95.0), (94.5, 95.0)]))
+                           for b, (m, c) in enumerate(rows)])
+    html = report._audit_html([AuditResult.read(result.write(tmp_path / "audit.json"))], cells, points)
     assert list(html) == ["verdicts", "cells", "runtime", "coupling"]
     for fragment in ("mine", "fail", "pass", "90.00", "97.50", "layer4.0.conv1"):
         assert fragment in html["verdicts"], fragment
-    assert "learned" in html["cells"] and "97.20" in html["cells"]
+    assert "learned" in html["cells"] and "97.20" in html["cells"] and "I-A" in html["cells"]
     assert "3e-08" in html["runtime"] and "95.00" in html["runtime"]
-    assert "+4.25 ±\xa01.50" in html["coupling"] and "runtime_float_layers" in html["coupling"]
-    assert report._audit_html([]) is None
+    assert "+4.25 ±\xa09.53" in html["coupling"] and "+0.50" in html["coupling"] and "runtime_float_layers" in html["coupling"]
+    assert report._audit_html([], cells, points) is None

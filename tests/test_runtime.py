@@ -127,8 +127,10 @@ def test_quantizing_only_the_kernel_window_changes_no_bit(arch, monkeypatch):
     out, grads = grads_and_output(lambda inp: q(inp, bits), x, model)
     with torch.no_grad():  # twice: the inference cache keeps the window too
         inferred = [q(x, bits) for _ in range(2)]
-    monkeypatch.setattr(quant, "OnePixelConv2d", type("NoConvIsWindowed", (), {}))  # every weight rounded whole
-    out_whole, grads_whole = grads_and_output(lambda inp: q(inp, bits), x, model)
+    monkeypatch.setattr(quant, "OnePixelConv2d", type("NoConvIsWindowed", (), {}))
+    whole = DynamicQuant(model, image_size=32)  # every weight rounded whole, then sliced by the convolution
+    assert not whole._windowed and q._windowed
+    out_whole, grads_whole = grads_and_output(lambda inp: whole(inp, bits), x, model)
     assert torch.equal(out, out_whole) and all(torch.equal(y, out_whole) for y in inferred)
     assert all(torch.equal(g, g_whole) for g, g_whole in zip(grads, grads_whole))
 

@@ -42,7 +42,7 @@ def test_each_seeds_jobs_read_only_that_seeds_files():
         if seed is None:
             continue
         for path in [*map(str, job.input), *map(str, job.output)]:
-            assert f"/seed{seed}/" in path, f"{job.rule.name} of seed {seed} touches {path}"
+            assert f"/seed{seed}/" in path, f"{job.rule} of seed {seed} touches {path}"
 
 
 def test_committed_dvc_yaml_is_generated_from_the_rules():

@@ -145,22 +145,21 @@ def per_seed_and_arch(files, archs=ARCHS):
 
 
 # The deployment audit's models (workflow/rules/audit.smk): every network of audit.models, and
-# with audit.pipeline the first seed's W of every arch.
+# with audit.pipeline the first seed's W of every arch; its cells as (version, budget).
 MODELS = [*(ARCHS if config["audit"]["pipeline"] else []), *config["audit"]["models"]]
-AUDIT_CELLS = config["audit"]["cells"] or [
-    f"{v}-{b}" for v in VERSIONS for b in BUDGETS
-]
+AUDIT_CELLS = list(
+    dptq.config.cells(config["pairs"], config["audit"]["cells"]).values()
+)
 
 
 def audit_keys(wildcards):
     """The audit's keys: of the grid, the audited cells' entries; of audit.models, the job's own."""
-    cells = [c.split("-", 1) for c in AUDIT_CELLS]
     own = wildcards.model in config["audit"]["models"]
     return keys(
         *INFERENCE,
-        *dict.fromkeys(f"pairs.versions.{v}" for v, _ in cells),
-        *dict.fromkeys(f"pairs.budgets.{b}" for _, b in cells),
-        *dict.fromkeys(f"pairs.budget_offset.{v}" for v, _ in cells),
+        *dict.fromkeys(f"pairs.versions.{v}" for v, _ in AUDIT_CELLS),
+        *dict.fromkeys(f"pairs.budgets.{b}" for _, b in AUDIT_CELLS),
+        *dict.fromkeys(f"pairs.budget_offset.{v}" for v, _ in AUDIT_CELLS),
         "pairs.policy.input_size",
         "pairs.policy.width",
         "pairs.grad_clip",
@@ -180,7 +179,6 @@ def audited(wildcards):
     spec = config["audit"]["models"].get(wildcards.model)
     if spec is not None:
         return {"weights": spec["weights"]}
-    cells = [c.split("-", 1) for c in AUDIT_CELLS]
     pair = rules.pair.output.ckpt
     return {
         "network": expand(
@@ -190,7 +188,7 @@ def audited(wildcards):
             pair.format(
                 seed=SEEDS[0], arch=wildcards.model, version=v, budget=b, mode=m
             )
-            for v, b in cells
+            for v, b in AUDIT_CELLS
             for m in MODES
         ],
     }

@@ -48,6 +48,8 @@ rule report:
         layer_scan=per_seed_and_arch(rules.layer_scan.output.csv),
         figures=rules.figures.output.png,
         audits=rules.audit.input,
+        audit_cells=expand(rules.audit_model.output.cells, model=MODELS),
+        audit_coupling=expand(rules.audit_model.output.coupling, model=MODELS),
         audit_figures=expand(rules.audit_model.output.figure, model=MODELS),
         captions=expand(
             "workflow/report/{kind}.rst",

@@ -4,7 +4,6 @@ from _entry import job
 from dptq import analysis
 
 args, cfg = job(__doc__, cell=["seed", "arch"], files=["table1", "csv"], lists=["pairs"])
-run = analysis.Job.start(args.seed, dataset=cfg["dataset"], runtime=cfg["runtime"], quant=cfg["quant"],
-                         profits=cfg["pairs"]["policy"]["profits"], batch_size=cfg["evaluate"]["batch_size"])
+run = analysis.Job.from_config(args.seed, cfg)
 analysis.corruptions(run, args.table1, args.pairs, args.csv, max_examples=cfg["analysis"]["max_examples"],
                      **cfg["analysis"]["corruptions"])

@@ -5,6 +5,5 @@ from _entry import job
 from dptq import analysis
 
 args, cfg = job(__doc__, cell=["seed", "arch"], files=["table1", "layer_scan", "network", "csv"], lists=["pairs"])
-run = analysis.Job.start(args.seed, dataset=cfg["dataset"], runtime=cfg["runtime"], quant=cfg["quant"],
-                         profits=cfg["pairs"]["policy"]["profits"], batch_size=cfg["evaluate"]["batch_size"])
+run = analysis.Job.from_config(args.seed, cfg)
 analysis.remedy(run, args.table1, args.layer_scan, args.pairs, args.network, args.csv, **cfg["analysis"]["remedy"])

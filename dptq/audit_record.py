@@ -1,0 +1,92 @@
+"""The audit's result (dptq.audit): one typed record, written once as audit.json and read back by the
+report. Torch-free, so that reading it costs nothing. docs/method.md §2.21 describes every field."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .files import atomic_text
+
+
+@dataclass
+class Verdict:
+    """Accuracy, its drop from the clean accuracy (points) and pass/fail against the tolerated drop."""
+
+    acc: float
+    drop: float
+    verdict: str
+
+    @classmethod
+    def of(cls, acc: float, clean_acc: float, tolerated: float) -> "Verdict":
+        drop = clean_acc - acc
+        return cls(acc, drop, "pass" if drop <= tolerated else "fail")
+
+
+@dataclass
+class CellResult:
+    """One audited cell: each controller's test accuracy, the worst, and the worst with the float layers kept."""
+
+    cell: str
+    acc: dict[str, float]  # controller (POLICIES) -> accuracy
+    worst_acc: float
+    worst_policy: str
+    learned_beats_heuristics: bool  # the learned policy at or below both the random and the greedy one
+    worst_acc_float_layers: float
+
+
+@dataclass
+class Agreement:
+    """Two sets of logits of the same inputs: top-1 agreement (%) and the median and max |Δlogit|."""
+
+    top1_agreement: float
+    median_abs_dlogit: float
+    max_abs_dlogit: float
+
+
+@dataclass
+class RuntimeResult:
+    """ONNX Runtime's dynamic int8 quantization of N at batch 1 (``audit.runtime`` settings)."""
+
+    verdict: Verdict
+    acc_float_layers: float  # with the recommended float layers excluded from quantization
+    like_for_like_fp_acc: float  # the exported float network, in torch
+    like_for_like_sim_acc: float  # the like-for-like simulator
+    simulator: Agreement  # simulator vs runtime
+    emulation: Agreement | None  # integer emulation vs runtime (None: not emulable, see emulation_skipped)
+    emulation_skipped: str | None
+    settings: dict
+    others: list[dict] = field(default_factory=list)  # the pipeline's R and D: network, cell, fp_acc, runtime_acc
+
+
+@dataclass
+class AuditResult:
+    """Everything one audit found; audit.json is this, field by field."""
+
+    model: str
+    arch: str
+    clean_acc: float
+    test_images: int
+    subset_images: int
+    tolerated_drop: float
+    cells: list[CellResult]
+    float_layers: list[str]  # torch module names, most sensitive first
+    nodes_to_exclude: list[str]  # their ONNX node names, for onnxruntime's quantize_dynamic
+    simulated: Verdict  # the worst case over every cell and controller
+    runtime: RuntimeResult
+    coupling: list[dict]  # per (runner, kind, batch_size): batches, drop, ci95 (coupling.summarize)
+    cpu: dict
+    seconds: dict[str, float]
+
+    def write(self, path: str | Path) -> Path:
+        return atomic_text(path, json.dumps(dataclasses.asdict(self), indent=1))
+
+    @classmethod
+    def read(cls, path: str | Path) -> "AuditResult":
+        raw = json.loads(Path(path).read_text())
+        run = raw["runtime"]
+        runtime = RuntimeResult(**{**run, "verdict": Verdict(**run["verdict"]), "simulator": Agreement(**run["simulator"]),
+                                   "emulation": Agreement(**run["emulation"]) if run["emulation"] else None})
+        return cls(**{**raw, "cells": [CellResult(**c) for c in raw["cells"]], "simulated": Verdict(**raw["simulated"]),
+                      "runtime": runtime})

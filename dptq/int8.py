@@ -1,0 +1,182 @@
+"""ONNX Runtime's int8 arithmetic in torch: the BatchNorm fold, the like-for-like simulator, the
+integer emulation, and how far two sets of logits agree.
+
+The runtime (:mod:`dptq.deploy`) quantizes each Conv/MatMul input with DynamicQuantizeLinear and
+its weight symmetric per tensor, both with the parameters of :func:`dptq.quant.weight_scale` and
+:func:`dptq.quant.activation_qparams`. :func:`simulator_like_runtime` computes that as fake
+quantization (float32 sums: differentiable, what attacks and training go through);
+:func:`integer_emulation` computes it as the runtime does, exact integer sums scaled once.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from . import graph
+from .graph import execution_order
+from .quant import DynamicQuant, activation_qparams, activation_range, quantize_affine, weight_scale
+
+class _DropAct(nn.Module):
+    """What is left of a BatchNorm+activation module (timm's BatchNormAct2d) once its BN is folded."""
+
+    def __init__(self, drop: nn.Module, act: nn.Module):
+        super().__init__()
+        self.drop, self.act = drop, act
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.drop(x))
+
+
+def _consumers(outputs) -> dict[int, int]:
+    """How many autograd edges enter each graph node: a conv output with one edge feeds one op only."""
+    count: dict[int, int] = {}
+    stack = [t.grad_fn for t in outputs if isinstance(t, Tensor) and t.grad_fn is not None]
+    seen = {id(f) for f in stack}
+    while stack:
+        for fn, _ in stack.pop().next_functions:
+            if fn is not None:
+                count[id(fn)] = count.get(id(fn), 0) + 1
+                if id(fn) not in seen:
+                    seen.add(id(fn))
+                    stack.append(fn)
+    return count
+
+
+def _conv_bn_pairs(model: nn.Module, image_size: int) -> list[tuple[nn.Conv2d, nn.BatchNorm2d, str]]:
+    """(conv, bn, bn's name) where bn's input is conv's output and nothing else reads it, by one dry run.
+
+    The conv output is identified by its autograd node: an in-place edit in between changes the
+    node, another reader adds an edge to it. Each module must run exactly once.
+    """
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    bns = {m: name for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    produced: dict[int, nn.Conv2d] = {}  # id(grad_fn) of a conv output -> conv
+    calls: dict[nn.Module, int] = {}
+    fed: dict[nn.BatchNorm2d, object] = {}  # bn -> grad_fn of its input
+    keep = []  # holds the grad_fns alive so that ids stay unique during the run
+
+    def on_conv(m, _args, out):
+        calls[m] = calls.get(m, 0) + 1
+        produced[id(out.grad_fn)] = m
+        keep.append(out.grad_fn)
+
+    def on_bn(m, args):
+        calls[m] = calls.get(m, 0) + 1
+        fed[m] = args[0].grad_fn
+
+    out = graph.dry_run(model, image_size, pre=dict.fromkeys(bns, on_bn), post=dict.fromkeys(convs, on_conv), grad=True)
+    consumers = _consumers(torch.utils._pytree.tree_leaves(out))
+    pairs = []
+    for bn, fn in fed.items():
+        conv = produced.get(id(fn))
+        if conv is not None and calls[conv] == calls[bn] == 1 and consumers.get(id(fn)) == 1:
+            pairs.append((conv, bn, bns[bn]))
+    return pairs
+
+
+def fold_batchnorm(model: nn.Module, *, image_size: int = 64) -> nn.Module:
+    """A deep copy in eval mode with every BatchNorm2d that only a Conv2d feeds folded into that conv.
+
+    The arithmetic is the ONNX exporter's (torch/csrc/jit/passes/onnx/eval_peephole.cpp), in the
+    weights' dtype: s = γ / √(var + ε), w' = w·s, b' = (b − μ)·s + β. A BN subclass that also runs
+    ``drop`` and ``act`` (timm's BatchNormAct2d) keeps them; any other BN (batch statistics, a
+    subclass of unknown behaviour, a BN no lone conv feeds) stays as it is.
+    """
+    model = copy.deepcopy(model).eval()
+    for conv, bn, name in _conv_bn_pairs(model, image_size):
+        if bn.running_var is None:
+            continue  # uses the batch's statistics: nothing to fold
+        if type(bn) is nn.BatchNorm2d:
+            rest = nn.Identity()
+        elif {n for n, _ in bn.named_children()} == {"drop", "act"}:
+            rest = _DropAct(bn.drop, bn.act)
+        else:
+            continue
+        with torch.no_grad():
+            s = bn.running_var.add(bn.eps).sqrt()
+            s = (bn.weight / s) if bn.weight is not None else 1 / s
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            bias = bias.sub(bn.running_mean).mul(s)
+            conv.weight.mul_(s.reshape(-1, *[1] * (conv.weight.dim() - 1)))
+            conv.bias = nn.Parameter(bias.add(bn.bias) if bn.bias is not None else bias)
+        graph.replace(model, name, rest)
+    return model
+
+
+def simulator_like_runtime(model: nn.Module, image_size: int, scale_rule: str = "minmax",
+                           range_grad: bool = False) -> DynamicQuant:
+    """``quant.DynamicQuant`` computing what the quantized ONNX model computes.
+
+    BN folded as the exporter folds it, 8-bit symmetric per-tensor weights (quant.fake_quant_weight:
+    s = max|w| / 127, round half to even, as ORT's quantize_data with symmetric=True, qmin = −127),
+    min/max activation ranges per example (``scale_rule="batch"``: per tensor, as ORT at batch n;
+    ``range_grad``: see quant.fake_quant_activation); run it with ``bits = torch.full((B, quant.num_layers), 8)``. The first
+    layer stays float, weights included, as ORT leaves the excluded first node (quantize it with
+    ``exclude=[node_names(...)[first layer]]``). Activations round as DynamicQuantizeLinear does,
+    round(x / s) + z (``rounding="onnx"``; torch's x · (1/s) + z moves MobileNetV4's logits by a
+    median 1.3e-4 against 1.3e-6). Differences left: with ``scale_rule="minmax"`` the range is per
+    example and ORT's per tensor, so they agree at batch 1 only (``"batch"``: at batch n); the
+    convolution sums run in float32 here and in int32 there.
+    """
+    folded = fold_batchnorm(model, image_size=image_size)
+    order = execution_order(folded, image_size)
+    return DynamicQuant(folded, layers=[m for _, m in order[1:]], weight_bits=8, scale_rule=scale_rule,
+                        range_grad=range_grad, image_size=image_size, rounding="onnx",
+                        weights=[name for name, _ in order[1:]])  # ORT leaves the excluded first layer float
+
+
+class _IntegerLayer(nn.Module):
+    """A Conv2d or Linear computed as quantize_dynamic's graph does: DynamicQuantizeLinear on its
+    input, ConvInteger / MatMulInteger summed exactly (integers in float64), Cast to float32, Mul by
+    s_x · s_w, Add the bias."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+        w = layer.weight.detach()
+        self.w_scale = weight_scale(w, 127)
+        self.w_int = (w / self.w_scale).round().clamp(-127, 127).double()
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        lo, hi = activation_range(x, "minmax")  # each example's own range: the runtime at batch 1
+        levels = torch.tensor(255.0, device=x.device)
+        scale, zero = (t.reshape(shape) for t in activation_qparams(lo, hi, levels))
+        centred = quantize_affine(x, scale, zero, levels).sub(zero).double()
+        if isinstance(self.layer, nn.Conv2d):
+            acc = nn.functional.conv2d(centred, self.w_int, None, self.layer.stride, self.layer.padding,
+                                       self.layer.dilation, self.layer.groups)
+        else:
+            acc = nn.functional.linear(centred, self.w_int)
+        out = acc.float() * (scale * self.w_scale)
+        if self.layer.bias is not None:
+            out = out + self.layer.bias.reshape(-1, *[1] * (out.dim() - 2))
+        return out
+
+
+def integer_emulation(model: nn.Module, image_size: int) -> nn.Module:
+    """The quantized ONNX model's arithmetic in torch, as at batch 1: BN folded, every
+    Conv2d/Linear but the first as :class:`_IntegerLayer`. It tells a real difference between
+    simulator and runtime from float32 summation order (the simulator sums s_x·s_w·(q − z)·q_w in
+    float32, the runtime integers in int32: one ulp apart in a layer's maximum gives another step
+    s, which deep networks carry to the logits)."""
+    folded = fold_batchnorm(model, image_size=image_size)
+    for name, layer in execution_order(folded, image_size)[1:]:
+        # a Linear subclass still computes x·Wᵀ + b (timm's only casts); a Conv2d one may pad its own way
+        if isinstance(layer, nn.Conv2d) and (type(layer).forward is not nn.Conv2d.forward or layer.padding_mode != "zeros"):
+            raise ValueError(f"int8.integer_emulation: {name} ({type(layer).__name__}) has its own forward; "
+                             "only Conv2d layers with the stock forward and zero padding can be emulated")
+        graph.replace(folded, name, _IntegerLayer(layer))
+    return folded
+
+
+def agreement(sim_logits: Tensor, runtime_logits: Tensor) -> dict:
+    """Top-1 agreement (percent) and the median / max |Δlogit| over all logits."""
+    if sim_logits.shape != runtime_logits.shape:
+        raise ValueError(f"int8.agreement: shapes differ, {tuple(sim_logits.shape)} vs {tuple(runtime_logits.shape)}")
+    a, b = sim_logits.detach().float().cpu(), runtime_logits.detach().float().cpu()
+    delta = (a - b).abs()
+    return {"top1_agreement": float((a.argmax(1) == b.argmax(1)).float().mean() * 100),
+            "median_abs_dlogit": float(delta.median()), "max_abs_dlogit": float(delta.max())}
