@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import checkpoint, data, tables
+from . import checkpoint, config, data, tables
 from .checkpoint import Pair
 from .corruptions import SEEDLESS, corrupt
 from .data import Data
@@ -80,7 +80,7 @@ def highlighted_pairs(job: Job, table1: str | Path, pairs: Sequence[str | Path])
             found[cell["mode"]] = path
     missing = sorted(set(MODES) - set(found))
     if missing:
-        raise ValueError(f"{table1}: the highlighted cell {version}-{budget} has no {missing} pair among the "
+        raise ValueError(f"{table1}: the highlighted cell {config.cell_name(version, budget)} has no {missing} pair among the "
                          f"{len(pairs)} checkpoints given; re-run the pair jobs of that cell")
     return {mode: job.pair(found[mode]) for mode in MODES}
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import hashlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -373,8 +374,7 @@ def audit_model(name: str, spec: Mapping, out_dir: str | Path, figure: str | Pat
     ``others``: for the pipeline's networks, network name (R, D) → cell → pair checkpoint, whose
     runtime accuracy is measured too. ``seed`` seeds the policies' training and the attackers' draws.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)  # made by the first file written: a failed audit leaves no empty folder
     data_ = Data(**{**dataset, "image_size": spec.get("image_size") or dataset["image_size"]})
     job = analysis.Job(seed, Runtime(seed, **runtime), data_, dict(quant), pairs["policy"]["profits"], evaluation["batch_size"])
     ctx = Context(job, functools.partial(data.normalize, mean=spec.get("mean") or data.MEAN, std=spec.get("std") or data.STD),
@@ -409,7 +409,7 @@ def audit_model(name: str, spec: Mapping, out_dir: str | Path, figure: str | Pat
     points.insert(0, "model", name)
     worst = min(c.worst_acc for c in found.cells)
     result = AuditResult(
-        model=name, arch=spec["arch"], clean_acc=fp_acc, test_images=int(len(labels)),
+        model=name, arch=spec["arch"], inputs=inputs(spec, dataset, image_size), clean_acc=fp_acc, test_images=int(len(labels)),
         subset_images=int(len(subset.dataset)), tolerated_drop=float(audit["tolerated_drop"]), cells=found.cells,
         float_layers=[deployed.modules[l] for l in found.float_layers],
         nodes_to_exclude=[deployed.nodes[l] for l in found.float_layers],
@@ -419,10 +419,27 @@ def audit_model(name: str, spec: Mapping, out_dir: str | Path, figure: str | Pat
     return result
 
 
+def inputs(spec: Mapping, dataset: Mapping, image_size: int) -> dict:
+    """What was audited, for the record: the weights file (or the pipeline's checkpoint) with its
+    sha256, the dataset, the image size and normalisation, and the package versions."""
+    from .report import versions  # reads package metadata only
+
+    path = Path(spec.get("weights") or spec["checkpoint"])
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {"weights" if "weights" in spec else "checkpoint": str(path.resolve()), "sha256": digest.hexdigest(),
+            "num_classes": spec.get("num_classes"), "class_map": spec.get("class_map"),
+            "dataset": {"name": dataset["name"], "root": str(Path(dataset["root"]).resolve())}, "image_size": image_size,
+            "mean": list(spec.get("mean") or data.MEAN), "std": list(spec.get("std") or data.STD), "versions": versions()}
+
+
 def write(result: AuditResult, found: Simulated, deployed: Deployed, points: pd.DataFrame, out_dir: Path,
           figure: str | Path) -> None:
     """cells.csv, sensitivity.csv, coupling.csv, the figure, and audit.json last (the job's done-marker)."""
     order = fragility_order(found.drops)
+    out_dir.mkdir(parents=True, exist_ok=True)
     sens = pd.DataFrame([dict(model=result.model, layer=l + 1, module=deployed.modules[l], onnx_node=deployed.nodes[l],
                               bits=found.bits, acc=found.scan[l], drop=found.drops[l], rank=order.index(l) + 1,
                               keep_float=l in found.float_layers) for l in range(len(found.scan))])

@@ -66,6 +66,7 @@ class AuditResult:
 
     model: str
     arch: str
+    inputs: dict  # what was audited: weights (path, sha256) or checkpoint, dataset, image size, mean/std, versions
     clean_acc: float
     test_images: int
     subset_images: int
@@ -90,3 +91,26 @@ class AuditResult:
                                    "emulation": Agreement(**run["emulation"]) if run["emulation"] else None})
         return cls(**{**raw, "cells": [CellResult(**c) for c in raw["cells"]], "simulated": Verdict(**raw["simulated"]),
                       "runtime": runtime})
+
+    def summary(self, record: str | Path) -> str:
+        """What a person reads first: every verdict with its numbers, the tolerated drop, the advice."""
+        worst = min(self.cells, key=lambda c: c.worst_acc)
+        largest = max((c for c in self.coupling if c["runner"] == "runtime"), key=lambda c: c["drop"], default=None)
+        lines = [f"{self.model} ({self.arch}): clean accuracy {self.clean_acc:.1f} % on {self.test_images} test images; "
+                 f"a verdict fails when the drop exceeds {self.tolerated_drop:g} points",
+                 f"  simulated worst case: {self.simulated.verdict.upper()}, {self.simulated.acc:.1f} % (drop "
+                 f"{self.simulated.drop:.1f}; the {worst.worst_policy} controller at cell {worst.cell})",
+                 f"  ONNX Runtime int8, batch 1: {self.runtime.verdict.verdict.upper()}, {self.runtime.verdict.acc:.1f} % "
+                 f"(drop {self.runtime.verdict.drop:.1f})"]
+        if largest is not None:
+            lines.append(f"  batch coupling in ONNX Runtime: one {largest['kind']} batch-mate costs the others "
+                         f"{largest['drop']:.1f} ± {largest['ci95']:.1f} points at batch {largest['batch_size']}")
+        if self.float_layers:
+            kept = min(c.worst_acc_float_layers for c in self.cells)
+            lines.append(f"  advice: keep {len(self.float_layers)} layer(s) in float (quantize_dynamic's nodes_to_exclude: "
+                         f"{', '.join(self.nodes_to_exclude)}): worst case {kept:.1f} %, runtime "
+                         f"{self.runtime.acc_float_layers:.1f} %")
+        else:
+            lines.append("  advice: no layer needs to stay in float")
+        lines.append(f"  record: {record}")
+        return "\n".join(lines)

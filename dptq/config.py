@@ -107,15 +107,31 @@ def _describe(error: jsonschema.ValidationError) -> str:
 
 
 def check(cfg: Mapping, source: str = "config") -> dict:
-    """Validate ``cfg`` (schema, then cross-field rules); return it as a plain dict."""
+    """Validate ``cfg`` (schema, then cross-field rules); return it as a plain dict. A
+    :class:`ConfigError` names every problem found, on one line."""
     cfg = dict(cfg)
     validator = jsonschema.Draft202012Validator(schema())
     errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
-    if errors:
-        raise ConfigError(f"{source}: {_describe(errors[0])}")
-    for message in _cross_field_problems(cfg):
-        raise ConfigError(f"{source}: {message}")
+    # every problem at once (a profile's author fixes them in one round); the cross-field rules
+    # read the keys the schema checks, so they run on a config the schema accepts
+    problems = list(dict.fromkeys(map(_describe, errors))) or _every(_cross_field_problems(cfg))
+    if len(problems) == 1:
+        raise ConfigError(f"{source}: {problems[0]}")
+    if problems:
+        raise ConfigError(f"{source}: {len(problems)} problems: " + " | ".join(problems))
     return cfg
+
+
+def _every(problems) -> list[str]:
+    """The messages of a problem generator, up to a rule that a problem already found breaks (a
+    later rule may read a key that an earlier one found missing): those found are the answer."""
+    found = []
+    try:
+        found.extend(problems)
+    except (KeyError, TypeError, ValueError, IndexError):
+        if not found:
+            raise
+    return found
 
 
 def _cross_field_problems(cfg: Mapping):

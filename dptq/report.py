@@ -43,7 +43,8 @@ from .tables import ci95, coupling_drops
 POLICIES = {"robust": "π_R", "detrimental": "π_D", "random": "random"}
 MODES = ("robust", "detrimental")
 TABLES = ("table1", "summary", "table2", "table3", "effect")
-VERSIONS = ["torch", "torchvision", "timm", "numpy", "pandas", "matplotlib", "seaborn", "jinja2", "snakemake", "dvc"]
+VERSIONS = ["torch", "torchvision", "timm", "numpy", "pandas", "matplotlib", "seaborn", "jinja2", "snakemake", "dvc",
+            "onnx", "onnxruntime"]
 TEMPLATES = Path(__file__).with_name("templates")
 # pandas' table template under the page's own table ids (Styler's are random "T_<uuid>").
 _Table = Styler.from_custom_template(str(TEMPLATES), html_table="table.html.j2")

@@ -1,6 +1,7 @@
 """dptq/audit.py: the recommendation by hand, class maps,
 one-line errors for weights that do not fit, the command line, and the policy learnt against a
 frozen network on a small problem."""
+import hashlib
 import json
 import os
 import subprocess
@@ -46,8 +47,9 @@ def resnet18_weights(tmp_path_factory):
 
 
 @pytest.mark.parametrize("arch, num_classes, expected", [
-    ("resnet50", 10, r"resnet18_10.pth does not fit resnet50 \(.*Missing key"),
-    ("resnet18", 5, r"resnet18_10.pth does not fit resnet18 \(.*size mismatch for fc.weight"),
+    ("resnet50", 10, r"resnet18_10.pth does not fit resnet50 \(tensors: 198 missing, e.g. layer1.0.conv3.weight"),
+    ("resnet18", 5, r"resnet18_10.pth does not fit resnet18 \(tensors: 2 of another shape, e.g. fc.weight \[10, 512\] in "
+                    r"the file, \[5, 512\] in the model.*the file's head has 10 classes, the model's 5\)"),
 ])
 def test_weights_that_do_not_fit_fail_in_one_line(resnet18_weights, arch, num_classes, expected):
     spec = {"arch": arch, "weights": str(resnet18_weights), "num_classes": num_classes}
@@ -59,7 +61,7 @@ def test_weights_that_do_not_fit_fail_in_one_line(resnet18_weights, arch, num_cl
 def test_a_file_that_is_no_state_dict_or_a_model_of_other_classes(tmp_path, resnet18_weights):
     notes = tmp_path / "notes.txt"
     notes.write_text("not weights")
-    with pytest.raises(models.WeightsError, match="notes.txt does not fit resnet18 .not a state dict"):
+    with pytest.raises(models.WeightsError, match="notes.txt is not a PyTorch or safetensors weights file"):
         audit.subject({"arch": "resnet18", "weights": str(notes)}, [str(c) for c in range(10)], where="m")
     with pytest.raises(ValueError, match="the model has 10 classes, the dataset 37; give a class_map"):
         audit.subject({"arch": "resnet18", "weights": str(resnet18_weights), "num_classes": 10},
@@ -154,13 +156,24 @@ def test_command_line_audits_a_model_of_other_classes_on_an_image_folder(tmp_pat
         "        coupling: {batch_sizes: [2, 4], batches: 2, steps: 2}}\n")
     out = subprocess.run([sys.executable, "-m", "dptq", "audit", "--arch", "resnet18", "--weights", str(resnet18_weights),
                           "--dataset", "imagefolder", "--root", str(tmp_path / "images"), "--num-classes", "10",
-                          "--class-map", str(tmp_path / "classes.yaml"), "--name", "mine",
-                          "--configfile", str(ROOT / "config.yaml"), str(tmp_path / "tiny.yaml")],
+                          "--class-map", str(tmp_path / "classes.yaml"), "--name", "mine", "--image-size", "16",
+                          "--cells", "I-A", "--out", "audits", "--configfile", str(ROOT / "config.yaml"), str(tmp_path / "tiny.yaml")],
                          cwd=tmp_path, capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr[-3000:]
-    record = json.loads((tmp_path / "results/audit/mine/audit.json").read_text())
-    assert record["test_images"] == 12 and record["arch"] == "resnet18"
+    record = json.loads((tmp_path / "audits/audit/mine/audit.json").read_text())
+    assert record["test_images"] == 12 and record["arch"] == "resnet18" and [c["cell"] for c in record["cells"]] == ["I-A"]
     assert record["simulated"]["verdict"] in ("pass", "fail") and 0 <= record["runtime"]["verdict"]["acc"] <= 100
     assert record["runtime"]["simulator"]["top1_agreement"] >= 99 and record["runtime"]["emulation"]["median_abs_dlogit"] <= 1e-5
-    assert (tmp_path / "results/figures/audit_mine.png").is_file()
-    assert "mine: simulated worst case" in out.stdout
+    inputs = record["inputs"]
+    assert inputs["sha256"] == hashlib.sha256(resnet18_weights.read_bytes()).hexdigest() and inputs["image_size"] == 16
+    assert inputs["dataset"]["name"] == "imagefolder" and inputs["versions"]["torch"] and inputs["class_map"] == {"cat": 3, "dog": 7}
+    assert (tmp_path / "audits/figures/audit_mine.png").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (tmp_path / "audits").rglob("*"):  # the ONNX files and the policies too: the user's umask
+        assert path.is_dir() or path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+    summary = out.stdout.strip().splitlines()
+    assert summary[0].startswith("mine (resnet18): clean accuracy") and "exceeds 1 points" in summary[0]
+    for line, says in zip(summary[1:], ("simulated worst case: ", "ONNX Runtime int8, batch 1: ", "batch coupling in ONNX",
+                                        "advice: ")):
+        assert line.strip().startswith(says), (line, says)

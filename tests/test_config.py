@@ -146,3 +146,21 @@ def test_settings_unpacked_with_double_star_counts_as_read():
     got = nested["a"]["b"]
     got.append(2)
     assert nested["a"]["b"] == [1]  # a read hands out a copy
+
+
+def test_every_problem_of_a_profile_is_named_at_once(tmp_path):
+    """A profile that adds two archs (every per-arch map and the histogram list then lack them), or
+    that mistypes two keys: one error names all of it, on one line, instead of one key per round
+    of ``snakemake -n``."""
+    profile = tmp_path / "mine.yaml"
+    profile.write_text("kd: {archs: [resnet18, efficientnet_b0, convnext_atto]}\n")
+    with pytest.raises(config.ConfigError) as err:
+        config.load([ROOT / "config.yaml", profile])
+    message = str(err.value)
+    assert "\n" not in message and message.count(" | ") == 4 and "5 problems" in message
+    assert "analysis.histogram.archs: ['mobilenetv4_conv_medium', 'regnetx_016'] are not in kd.archs" in message
+    for key in ("kd.epochs", "pairs.epochs", "pairs.lr", "pairs.alpha"):
+        assert f"{key}: the map has no value for ['convnext_atto', 'efficientnet_b0']" in message, key
+    profile.write_text("dataset: {image_size: -3}\nkd: {epochs: many}\n")
+    with pytest.raises(config.ConfigError, match=r"2 problems: dataset.image_size: -3 .* \| kd.epochs: 'many' "):
+        config.load([ROOT / "config.yaml", profile])
