@@ -6,7 +6,8 @@ diagnostics of a cell (bench/SCIENCE.md §8).
 
 Per epoch (one row): the steps so far; on the test set, the pair's full-precision accuracy and its
 Δ under its own policy (Q − FP); the share of the epoch's training examples whose hinge term was
-already zero (margin met: they pulled nothing); the policy's mean bits. At the end: per
+already zero (margin met: they pulled nothing); the share of (test image, layer) pairs the
+policy gives its lowest option (the mean bits are C / N by construction). At the end: per
 quantized layer, the pair's mean activation range (hi − lo, minmax, full precision) over W's on the
 same test images, the layers whose range grew most first: under minmax a b-bit step is range / (2^b − 1),
 so a grown range is a coarser step at the same bits. W is read from
@@ -47,10 +48,10 @@ class WatchedPair(train.PairStage):
         fp = evaluate.accuracy(*evaluate.predict(self.quant, self.test_loader, self.rt))
         q = evaluate.accuracy(*evaluate.predict(self.quant, self.test_loader, self.rt, self.profits, policy=self.policy,
                                                 options=self.options, capacity=self.capacity))
-        mean_bits = torch.cat([allocate(self.policy, data.network_input(images, self.rt), self.options,
-                                                 self.capacity, self.profits) for images, _ in self.test_loader]).mean()
+        bits = torch.cat([allocate(self.policy, data.network_input(images, self.rt), self.options, self.capacity,
+                                   self.profits) for images, _ in self.test_loader])
         row.update(test_fp=fp, test_delta=q - fp, saturated=100.0 * self.met / max(self.seen, 1),
-                   mean_bits=float(mean_bits))
+                   at_floor=100.0 * float((bits == min(self.options)).float().mean()))
         self.met = self.seen = 0
         return row
 
@@ -100,11 +101,11 @@ def main():
     head = rows[0]
     steps_per_epoch = math.ceil(len(digits.build("fit")) / pairs["batch_size"])
     print(f"{args.arch} {args.cell} {args.mode} seed {args.seed}, alpha {pairs['alpha']}, {pairs['epochs']} epochs")
-    print(f"{'epoch':>5} {'steps':>6} {'test_fp':>8} {'test_delta':>10} {'saturated%':>10} {'mean_bits':>9}")
+    print(f"{'epoch':>5} {'steps':>6} {'test_fp':>8} {'test_delta':>10} {'saturated%':>10} {'at_floor%':>9}")
     for row in rows[1:]:
         r = dict(zip(head, row))
         print(f"{r['epoch']:>5} {int(r['epoch']) * steps_per_epoch:>6} {float(r['test_fp']):8.1f} "
-              f"{float(r['test_delta']):10.1f} {float(r['saturated']):10.1f} {float(r['mean_bits']):9.2f}")
+              f"{float(r['test_delta']):10.1f} {float(r['saturated']):10.1f} {float(r['at_floor']):9.1f}")
     white = checkpoint.white_box(Path(args.checkpoints) / f"seed{args.seed}" / "distill" / f"{args.arch}.pt", rt,
                                  digits.image_size, cfg["quant"])
     pair = checkpoint.pair(out / "pair.pt", rt, digits.image_size, cfg["quant"])

@@ -426,7 +426,7 @@ def test_audit_section_states_the_verdicts_first_with_their_numbers(tmp_path):
 
     acc = {"uniform": 97.0, "random": 96.0, "greedy": 93.0, "learned": 90.0}
     result = AuditResult(
-        model="mine", arch="resnet18", clean_acc=98.0, test_images=40, subset_images=40, tolerated_drop=1.0,
+        model="mine", arch="resnet18", inputs={}, clean_acc=98.0, test_images=40, subset_images=40, tolerated_drop=1.0,
         cells=[CellResult("I-A", acc, 90.0, "learned", True, 97.2)], float_layers=["layer4.0.conv1"],
         nodes_to_exclude=["/layer4/layer4.0/conv1/Conv"], simulated=Verdict(90.0, 8.0, "fail"),
         runtime=RuntimeResult(Verdict(97.5, 0.5, "pass"), 97.9, 98.0, 97.5, Agreement(100.0, 3e-8, 2e-6),
