@@ -17,10 +17,15 @@ Per arch, at one batch size (on CUDA under bf16 autocast, as the training runs):
   step on the KD loss; its efficiency is (plain + teacher fwd) / distill;
 - ``infer fp`` and ``infer q``: evaluation forwards (the quantized one with its allocation).
 
+``ops``: the aten operations one plain step and one pair step dispatch (a ``TorchDispatchMode``
+counter; on the CPU, where the step's extra time is per-operation overhead, the count is what
+fusing would remove).
+
 ``--profile STEPS`` then runs STEPS pair steps under ``torch.profiler`` and prints the operators
 that take the most self time, where a pair step's time beyond the plain step's goes.
 """
 import argparse
+import collections
 import copy
 
 import timm
@@ -30,6 +35,27 @@ from _timing import bench_runtime, median_ms
 from dptq import budgets, losses, runtime
 from dptq.policy import BitPolicy, allocate
 from dptq.quant import DynamicQuant
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten operations dispatched while active, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def dispatched_ops(fn) -> collections.Counter:
+    """The aten operations one call of ``fn`` dispatches (after one warm-up call)."""
+    fn()
+    with _OpCounter() as counter:
+        fn()
+    return counter.counts
 
 def step_times(arch: str, size: int, batch: int, device: torch.device, repeats: int = 5, channels_last: bool = True,
                only: set[str] | None = None, teacher_arch: str = "resnet50",
@@ -112,6 +138,8 @@ def step_times(arch: str, size: int, batch: int, device: torch.device, repeats: 
     if any(isinstance(m, runtime.OnePixelConv2d) for m in student.modules()):
         steps.append(("unfolded", pair_unfolded))
     times = {name: median_ms(fn, device, repeats) for name, fn in steps if only is None or name in only}
+    if only is None:
+        times["plain ops"], times["pair ops"] = (sum(dispatched_ops(fn).values()) for fn in (plain, pair))
     if profile_steps:
         print(f"{arch}: the pair step's operators over {profile_steps} steps, by self time", flush=True)
         print(operator_profile(pair, profile_steps, device), flush=True)
@@ -147,15 +175,16 @@ def main():
     device = torch.device(args.device)
     print(f"device={device} size={args.size} batch={args.batch} threads={args.threads} channels_last={args.channels_last}")
     print(f"{'arch':<24}{'N':>4}{'plain':>8}{'quant':>8}{'alloc':>8}{'pair':>8}{'quant/':>8}{'pair/':>7}{'unfolded/':>11}"
-          f"{'teacher':>9}{'distill':>9}{'(plain+teacher)/':>18}")
-    print(f"{'':<24}{'':>4}{'ms':>8}{'ms':>8}{'ms':>8}{'ms':>8}{'plain':>8}{'plain':>7}{'pair':>11}{'fwd ms':>9}{'ms':>9}{'distill':>18}")
+          f"{'teacher':>9}{'distill':>9}{'(plain+teacher)/':>18}{'plain':>7}{'pair':>7}{'ops':>6}")
+    print(f"{'':<24}{'':>4}{'ms':>8}{'ms':>8}{'ms':>8}{'ms':>8}{'plain':>8}{'plain':>7}{'pair':>11}{'fwd ms':>9}{'ms':>9}{'distill':>18}{'ops':>7}{'ops':>7}{'ratio':>6}")
     for arch in args.archs:
         n, t = step_times(arch, args.size, args.batch, device, args.repeats, args.channels_last, teacher_arch=args.teacher,
                           profile_steps=args.profile)
         unfolded = f"{t['unfolded'] / t['pair']:.2f}" if "unfolded" in t else "-"
         print(f"{arch:<24}{n:>4}{t['plain']:>8.1f}{t['quant']:>8.1f}{t['alloc']:>8.1f}{t['pair']:>8.1f}"
               f"{t['quant'] / t['plain']:>8.2f}{t['pair'] / t['plain']:>7.2f}{unfolded:>11}"
-              f"{t['teacher fwd']:>9.1f}{t['distill']:>9.1f}{(t['plain'] + t['teacher fwd']) / t['distill']:>18.2f}", flush=True)
+              f"{t['teacher fwd']:>9.1f}{t['distill']:>9.1f}{(t['plain'] + t['teacher fwd']) / t['distill']:>18.2f}"
+              f"{t['plain ops']:>7.0f}{t['pair ops']:>7.0f}{t['pair ops'] / t['plain ops']:>6.2f}", flush=True)
 
 
 if __name__ == "__main__":

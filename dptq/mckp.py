@@ -28,7 +28,9 @@ def solve(profits: Tensor, options: Sequence[int], capacity: int) -> Tensor:
 
     Layer n only visits the totals that can still reach C' (the band
     max(0, C' - (N-n-1)·w_max) .. min((n+1)·w_max, C')), and reads V(c - w) for every weight w at
-    once through a sliding window over V, so each layer is one add and one max over [B, band, span].
+    once through a sliding window over V, so each layer is one add and one max over [B, band, span];
+    the backtrack is one gather per layer. Every per-layer step is a handful of tensor operations,
+    whatever the batch: the solver's cost is dispatch, not arithmetic, at these sizes.
     """
     if profits.dim() != 3 or profits.shape[2] != len(options):
         raise ValueError(f"profits must be [B, N, K={len(options)}], got {tuple(profits.shape)}")
@@ -37,36 +39,36 @@ def solve(profits: Tensor, options: Sequence[int], capacity: int) -> Tensor:
     batch, num_layers, num_options = profits.shape
     check_feasible(num_layers, options, int(capacity))
     device = profits.device
-    opts = torch.as_tensor(list(options), device=device, dtype=torch.long)
-    weights = opts - opts.min()
-    w_max = int(weights.max())
-    span, target = w_max + 1, int(capacity) - num_layers * int(opts.min())
+    weights = [o - min(options) for o in options]
+    w_max = max(weights)
+    span, target = w_max + 1, int(capacity) - num_layers * min(options)
     dtype = torch.float64 if profits.dtype == torch.float64 else torch.float32
 
-    # gains[b, n, j] = profit of the option of weight w = span - 1 - j (-inf where no option has it)
-    gains = torch.full((batch, num_layers, span), float("-inf"), device=device, dtype=dtype)
-    gains[:, :, span - 1 - weights] = profits.detach().to(dtype)
-    option_of_weight = torch.zeros(span, dtype=torch.long, device=device)
-    option_of_weight[weights] = torch.arange(num_options, device=device)
+    # gains[b, n, 0, j] = profit of the option of weight w = span - 1 - j (-inf where no option has it)
+    gains = torch.full((batch, num_layers, 1, span), float("-inf"), device=device, dtype=dtype)
+    gains[:, :, 0, [span - 1 - w for w in weights]] = profits.detach().to(dtype)
+    option_at = torch.zeros(span, dtype=torch.long, device=device)  # window position j -> option index
+    option_at[[span - 1 - w for w in weights]] = torch.arange(num_options, device=device)
 
     # values[:, w_max + c] = V(c); the first w_max columns are the -inf pad for c - w < 0
-    values = torch.full((batch, w_max + target + 1), float("-inf"), device=device, dtype=dtype)
-    values[:, w_max] = 0.0
-    choices = torch.zeros(batch, num_layers, target + 1, dtype=torch.uint8, device=device)
-    for n in range(num_layers):
+    values = torch.nn.functional.pad(torch.zeros(batch, 1, device=device, dtype=dtype), (w_max, target), value=float("-inf"))
+    bands, choices = [], []
+    for n, gain in enumerate(gains.unbind(1)):
         lo, hi = max(0, target - (num_layers - 1 - n) * w_max), min((n + 1) * w_max, target)
-        window = values.unfold(1, span, 1)[:, lo:hi + 1]  # [B, band, span]: V(c - (span-1-j))
-        best, choices[:, n, lo:hi + 1] = (window + gains[:, n, None, :]).max(dim=-1)
-        values = torch.full_like(values, float("-inf"))
-        values[:, w_max + lo:w_max + hi + 1] = best
+        window = values.unfold(1, span, 1).narrow(1, lo, hi - lo + 1)  # [B, band, span]: V(c - (span-1-j))
+        best, choice = (window + gain).max(dim=-1)
+        values = torch.nn.functional.pad(best, (w_max + lo, target - hi), value=float("-inf"))
+        bands.append(lo)
+        choices.append(choice)
 
-    picks = torch.empty(batch, num_layers, dtype=torch.long, device=device)
-    total = torch.full((batch, 1), target, dtype=torch.long, device=device)
-    for n in reversed(range(num_layers)):
-        weight = span - 1 - choices[:, n].gather(1, total).long()
-        picks[:, n] = option_of_weight[weight.squeeze(1)]
-        total = total - weight
-    onehot = torch.nn.functional.one_hot(picks, num_options).to(profits.dtype)
+    # back from C': layer n's window position j at total c leaves c - (span - 1 - j) for the layers before it
+    picks, total = [], torch.full((batch, 1), target, dtype=torch.long, device=device)
+    for lo, choice in zip(reversed(bands), reversed(choices)):
+        column = total - lo
+        pick = choice.gather(1, column)
+        picks.append(pick)
+        total = column.add_(pick).add_(lo - span + 1)
+    onehot = torch.nn.functional.one_hot(option_at[torch.cat(picks[::-1], 1)], num_options).to(profits.dtype)
     return onehot + (profits - profits.detach())
 
 

@@ -41,22 +41,23 @@ class _RoundWeight(torch.autograd.Function):
         return grad, None, None, None
 
 
+# --- the quantization parameters: the one definition, ONNX Runtime's (tests/test_int8.py) ---------
+
 def _in_memory_order(t: Tensor) -> Tensor:
     """A view of the dense tensor ``t`` with its dims in stride order: contiguous in any memory format."""
     return t.permute(sorted(range(t.dim()), key=lambda d: -t.stride(d)))
 
-
-# --- the quantization parameters: the one definition, ONNX Runtime's (tests/test_int8.py) ---------
 
 def weight_scale(m: Tensor, qmax: int) -> Tensor:
     """Symmetric per-tensor scale s = max|m| / q, as ``onnxruntime.quantization.quantize_dynamic``
     takes it (quant_utils.compute_scale_zp, symmetric); where that is below the smallest normal
     float (an all-zero weight) s = 1, so every value rounds to 0."""
     # max|m| = max(max m, -min m) in one read: no |m| copy, and no contiguous copy of a
-    # channels_last weight (aminmax makes one unless the view it gets is contiguous)
+    # channels_last weight (aminmax makes one unless the view it gets is contiguous; the
+    # inf-norm reads once too but is 40x slower, bench/NOTES.md §13)
     lo, hi = torch.aminmax(_in_memory_order(m))
     scale = torch.maximum(hi, -lo) / qmax
-    return torch.where(scale < torch.finfo(scale.dtype).tiny, torch.ones_like(scale), scale)
+    return torch.where(scale < torch.finfo(scale.dtype).tiny, 1.0, scale)
 
 
 def activation_qparams(lo: Tensor, hi: Tensor, levels: Tensor) -> tuple[Tensor, Tensor]:
@@ -65,9 +66,11 @@ def activation_qparams(lo: Tensor, hi: Tensor, levels: Tensor) -> tuple[Tensor, 
 
         s = (hi - lo) / L, or s = 1 where hi = lo (an all-zero input: every value maps to z = 0),
         z = round(-lo / s), half to even (in [0, L]: -lo <= hi - lo).
+
+    (s = 1 is taken as L / L: one division serves both cases, and it is exact.)
     """
     span = hi - lo
-    scale = torch.where(span > 0, span / levels, torch.ones_like(span))
+    scale = torch.where(span > 0, span, levels) / levels
     return scale, torch.round(-lo / scale)
 
 
@@ -91,73 +94,83 @@ def fake_quant_weight(w: Tensor, bits: int = 16, scale_of: Tensor | None = None)
     The weights of a network are large: keep passes over them few.
     """
     qmax = 2 ** (bits - 1) - 1
-    scale = weight_scale((w if scale_of is None else scale_of).detach(), qmax)
+    with torch.no_grad():
+        scale = weight_scale(w if scale_of is None else scale_of, qmax)
     return _RoundWeight.apply(w, scale, qmax, qmax * torch.finfo(w.dtype).eps >= 0.25)
 
 
 def activation_range(x: Tensor, scale_rule: str = "minmax", percentile: float = 99.9,
-                     grad: bool = False) -> tuple[Tensor, Tensor]:
-    """Per-example range [lo, hi] (shape [B]) with lo <= 0 <= hi, so that zero is representable.
+                     grad: bool = False, keepdim: bool = False) -> tuple[Tensor, Tensor]:
+    """Per-example range [lo, hi] (shape [B], or [B, 1, ...] with ``keepdim``) with lo <= 0 <= hi,
+    so that zero is representable.
 
     ``minmax``: lo = min(x), hi = max(x). ``percentile``: the p-th and (100-p)-th quantiles of each
     example (values outside are clamped by the quantizer), the remedy of the paper's Sect. 4.2.
     ``batch``: min and max over the whole tensor, batch included, the same for every example
     (ONNX Runtime's dynamic quantization). The range is detached unless ``grad``.
     """
-    if not grad:
-        x = x.detach()
-    if scale_rule == "batch":
-        lo, hi = x.amin().expand(x.shape[0]), x.amax().expand(x.shape[0])
-    elif scale_rule == "minmax":  # reduce over all but the batch dim: no copy for channels_last
-        dims = tuple(range(1, x.dim()))
-        lo, hi = x.amin(dims), x.amax(dims)
-    elif scale_rule == "percentile":
-        flat = x.flatten(1)
-        m = flat.shape[1]
-        k_hi = min(m, max(1, int(round(percentile / 100 * m))))
-        k_lo = max(1, min(m, m - k_hi + 1))
-        hi = flat.kthvalue(k_hi, dim=1).values
-        lo = flat.kthvalue(k_lo, dim=1).values
-    else:
-        raise ValueError(f"quant.activation_scale: unknown scale rule {scale_rule!r}; use 'minmax', 'percentile' or 'batch'")
-    return lo.clamp(max=0), hi.clamp(min=0)
+    shape = (x.shape[0],) + (1,) * (x.dim() - 1) if keepdim else (x.shape[0],)
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        if scale_rule == "batch":
+            lo, hi = x.amin().expand(shape), x.amax().expand(shape)
+        elif scale_rule == "minmax":  # reduce over all but the batch dim: no copy for channels_last
+            dims = tuple(range(1, x.dim()))
+            lo, hi = x.amin(dims, keepdim), x.amax(dims, keepdim)
+        elif scale_rule == "percentile":
+            flat = x.flatten(1)
+            m = flat.shape[1]
+            k_hi = min(m, max(1, int(round(percentile / 100 * m))))
+            k_lo = max(1, min(m, m - k_hi + 1))
+            hi = flat.kthvalue(k_hi, dim=1).values.view(shape)
+            lo = flat.kthvalue(k_lo, dim=1).values.view(shape)
+        else:
+            raise ValueError(f"quant.activation_scale: unknown scale rule {scale_rule!r}; use 'minmax', 'percentile' or 'batch'")
+        return lo.clamp(max=0), hi.clamp(min=0)
 
 
 def _rounded(x: Tensor, scale: Tensor, zero_point: Tensor, divide: bool) -> Tensor:
     """round(x / s) + z as ONNX's DynamicQuantizeLinear (``divide``), else as torch: round(x · (1/s) + z), half to even."""
     if divide:
         return torch.div(x, scale).round_().add_(zero_point)
-    return torch.addcmul(zero_point, x, 1.0 / scale).round_()
-
-
-def _dequantized(q: Tensor, scale: Tensor, zero_point: Tensor, levels: Tensor) -> Tensor:
-    """s (clamp(q, 0, L) - z), in place on ``q``."""
-    return torch.minimum(q.clamp_(min=0), levels).sub_(zero_point).mul_(scale)
+    return torch.addcmul(zero_point, x, scale.reciprocal()).round_()
 
 
 class _FakeQuantActivation(torch.autograd.Function):
-    """x̂ = s (clamp(round(x / s + z), 0, L) - z) with the LSQ gradients, in few passes.
+    """x̂ = s (clamp(round(x / s + z), 0, L) - z) from the range [lo, hi] and the levels L, with
+    the LSQ gradients, in few passes (one autograd node per layer).
 
     Inside the range (judged on the rounded value, so the min and max, which land exactly on the
     ends, count as inside): d x̂/dx = 1 and d x̂/ds = round(x/s) - x/s. Outside: d x̂/dx = 0 and
-    d x̂/ds = q - z. Summed per example: d/ds = (Σ g x̂ - Σ g·inside·x) / s.
+    d x̂/ds = q - z. Summed per example: d/ds = (Σ g x̂ - Σ g·inside·x) / s. Where the range is
+    not empty s = (hi - lo) / L, so d/dhi = -d/dlo = (d/ds) / L and d/dL = -(d/ds) s / L; an
+    empty range has s = 1 and passes nothing on.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor, levels: Tensor, divide: bool) -> Tensor:
+    def forward(ctx, x: Tensor, lo: Tensor, hi: Tensor, levels: Tensor, divide: bool) -> Tensor:
+        scale, zero_point = activation_qparams(lo, hi, levels)
         q = _rounded(x, scale, zero_point, divide)
-        inside = (q >= 0) & (q <= levels)
-        out = _dequantized(q, scale, zero_point, levels)
-        ctx.save_for_backward(x, out, inside, scale)
+        clamped = torch.minimum(q.clamp(min=0), levels)
+        inside = clamped == q
+        out = clamped.sub_(zero_point).mul_(scale)
+        ctx.save_for_backward(x, out, inside, scale, lo, hi, levels)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, out, inside, scale = ctx.saved_tensors
+        x, out, inside, scale, lo, hi, levels = ctx.saved_tensors
         grad_x = grad * inside
+        if not any(ctx.needs_input_grad[1:4]):
+            return grad_x, None, None, None, None
         dims = tuple(range(1, x.dim()))
         grad_scale = ((grad * out).sum(dims, keepdim=True) - (grad_x * x).sum(dims, keepdim=True)) / scale
-        return grad_x, grad_scale, None, None, None
+        span = hi - lo
+        grad_span = grad_scale * (span > 0)
+        grad_levels = -grad_span * ((span / levels) / levels) if ctx.needs_input_grad[3] else None
+        if not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+            return grad_x, None, None, grad_levels, None
+        grad_span = grad_span / levels
+        return grad_x, -grad_span, grad_span, grad_levels, None
 
 
 ROUNDINGS = ("torch", "onnx")
@@ -177,20 +190,22 @@ def fake_quant_activation(x: Tensor, bits: Tensor, scale_rule: str = "minmax", p
     With ``range_grad`` it also reaches x through s(lo, hi): under the ``batch`` rule, from every
     example's output to the inputs that set the range.
     """
-    shape = (-1,) + (1,) * (x.dim() - 1)
-    dtype = torch.promote_types(x.dtype, torch.float32)  # bf16 activations quantize in float32
-    lo, hi = activation_range(x, scale_rule, percentile, range_grad)
-    levels = torch.exp2(bits.to(dtype)) - 1
-    scale, zero_point = activation_qparams(lo.to(dtype), hi.to(dtype), levels)
-    zero_point = zero_point.detach()
-    levels, scale, zero_point = (t.reshape(shape) for t in (levels, scale, zero_point))
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    return _fake_quant(x, torch.exp2(bits.to(dtype)) - 1, scale_rule, percentile, range_grad, rounding)
+
+
+def _fake_quant(x: Tensor, levels: Tensor, scale_rule: str, percentile: float, range_grad: bool, rounding: str) -> Tensor:
+    """:func:`fake_quant_activation` with the levels L = 2^b - 1 [B] given (bf16 activations quantize in float32)."""
     if rounding not in ROUNDINGS:
         raise ValueError(f"quant: unknown rounding {rounding!r}; use one of {ROUNDINGS}")
-    wide, divide, levels = x.to(dtype), rounding == "onnx", levels.detach()
-    if torch.is_grad_enabled() and (wide.requires_grad or scale.requires_grad):
-        out = _FakeQuantActivation.apply(wide, scale, zero_point, levels, divide)
+    lo, hi = activation_range(x, scale_rule, percentile, range_grad, keepdim=True)
+    wide, levels = x.to(levels.dtype), levels.view(lo.shape)
+    lo, hi = lo.to(levels.dtype), hi.to(levels.dtype)
+    if torch.is_grad_enabled() and (wide.requires_grad or levels.requires_grad or lo.requires_grad):
+        out = _FakeQuantActivation.apply(wide, lo, hi, levels, rounding == "onnx")
     else:  # inference: the same values without the masks a backward would need
-        out = _dequantized(_rounded(wide, scale, zero_point, divide), scale, zero_point, levels)
+        scale, zero_point = activation_qparams(lo, hi, levels)
+        out = quantize_affine(wide, scale, zero_point, levels, rounding == "onnx").sub_(zero_point).mul_(scale)
     return out.to(x.dtype)
 
 
@@ -225,7 +240,7 @@ class DynamicQuant:
         # every other weight is rounded here and swapped in for the call
         self._windowed = {owners[name]: f"{name}.weight" for name in chosen if isinstance(owners[name], OnePixelConv2d)}
         self._whole = [f"{name}.weight" for name in chosen if not isinstance(owners[name], OnePixelConv2d)]
-        self._bits: Tensor | None = None
+        self._levels: Sequence[Tensor] | None = None
         self._mask: list[bool] = []
         self._weight_cache: dict[str, tuple] = {}
         for index, layer in enumerate(self.layers):
@@ -255,10 +270,10 @@ class DynamicQuant:
 
         def quantize_input(_module, args):
             quant = ref()
-            if quant is None or quant._bits is None or not quant._mask[index]:
+            if quant is None or quant._levels is None or not quant._mask[index]:
                 return None
-            x = fake_quant_activation(args[0], quant._bits[:, index], quant.scale_rule, quant.percentile,
-                                      quant.range_grad, quant.rounding)
+            x = _fake_quant(args[0], quant._levels[index], quant.scale_rule, quant.percentile, quant.range_grad,
+                            quant.rounding)
             return (x, *args[1:])
         return quantize_input
 
@@ -283,10 +298,11 @@ class DynamicQuant:
             raise ValueError(f"bits must have shape [B={x.shape[0]}, N={self.num_layers}], got {tuple(bits.shape)}")
         params = dict(self.model.named_parameters())
         weights = {name: self._quantized(name, params[name]) for name in self._whole}
-        self._bits = bits
+        # L = 2^b - 1 of every layer at once: one node for the bits' gradient, not one per layer
+        self._levels = (torch.exp2(bits.to(torch.promote_types(x.dtype, torch.float32))) - 1).unbind(1)
         self._mask = [True] * self.num_layers if mask is None else [bool(m) for m in mask]
         try:
             with windows_quantized_by(self._window):
                 return functional_call(self.model, weights, (x,), strict=False)
         finally:
-            self._bits = None
+            self._levels = None

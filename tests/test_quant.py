@@ -319,3 +319,47 @@ def test_range_grad_carries_the_batch_mates_loss_to_the_input_that_sets_the_rang
 def test_unknown_scale_rule_names_the_known_ones():
     with pytest.raises(ValueError, match="'minmax', 'percentile' or 'batch'"):
         quant.activation_range(torch.zeros(2, 3), "absmax")
+
+
+def _textbook_fake_quant(x, bits, scale_rule, range_grad):
+    """The quantizer composed from plain autograd ops: straight-through rounding, the clamp's mask,
+    s = (hi - lo) / (2^b - 1) (1 on an empty range) and z = round(-lo / s) held constant."""
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    dims = tuple(range(1, x.dim()))
+    if scale_rule == "batch":
+        lo, hi = x.amin().expand(x.shape[0]), x.amax().expand(x.shape[0])
+    else:
+        lo, hi = x.amin(dims), x.amax(dims)
+    if not range_grad:
+        lo, hi = lo.detach(), hi.detach()
+    levels = (torch.exp2(bits) - 1).reshape(shape)
+    span = (hi.clamp(min=0) - lo.clamp(max=0)).reshape(shape)
+    scale = torch.where(span > 0, span / levels, torch.ones_like(span))
+    zero = torch.round(-lo.clamp(max=0).reshape(shape) / scale).detach()
+    exact = x / scale + zero
+    q = exact + (torch.round(x / scale) + zero - exact).detach()
+    inside = ((q >= 0) & (q <= levels)).detach()
+    clamped = torch.where(inside, q, torch.minimum(q.clamp(min=0), levels).detach())
+    return scale * (clamped - zero)
+
+
+@pytest.mark.parametrize("scale_rule, range_grad", [("minmax", False), ("batch", True), ("batch", False)])
+def test_fused_backward_equals_autograd_through_the_textbook_quantizer(scale_rule, range_grad):
+    """The one-node backward (to x, to the bits and, with ``range_grad``, through the range) against
+    autograd through the composition of plain ops, float64, with an all-zero example among them."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64) * torch.tensor([1.0, 0.0, 3.0, 0.2], dtype=torch.float64).view(-1, 1, 1, 1)
+    bits = torch.tensor([3.0, 4.0, 5.0, 8.0], dtype=torch.float64)
+    upstream = torch.randn_like(x)
+    grads = []
+    for fn in (lambda a, b: quant.fake_quant_activation(a, b, scale_rule, range_grad=range_grad, rounding="onnx"),
+               lambda a, b: _textbook_fake_quant(a, b, scale_rule, range_grad)):
+        xa, ba = x.clone().requires_grad_(True), bits.clone().requires_grad_(True)
+        out = fn(xa, ba)
+        out.backward(upstream)
+        grads.append((out.detach(), xa.grad, ba.grad))
+    (out, gx, gb), (ref_out, ref_gx, ref_gb) = grads
+    assert torch.equal(out, ref_out)
+    assert torch.allclose(gx, ref_gx, rtol=0, atol=1e-12)
+    assert torch.allclose(gb, ref_gb, rtol=1e-12, atol=1e-12)
+    assert gb[1] == 0 and (gb[[0, 2, 3]] != 0).all()  # the all-zero example's output moves with no scale
