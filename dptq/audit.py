@@ -89,15 +89,16 @@ def class_index(class_map: Mapping[str, int] | Sequence[int] | None, classes: Se
     return [int(i) for i in class_map]
 
 
-def subject(spec: Mapping, classes: Sequence[str], where: str) -> nn.Module:
+def subject(spec: Mapping, classes: Sequence[str], where: str, image_size: int | None = None) -> nn.Module:
     """The network to audit, in eval mode: ``spec`` is a model entry of ``audit.models`` (``arch``,
-    ``weights``, ``num_classes``, ``class_map``) or, for the pipeline's own, a checkpoint path."""
+    ``weights``, ``num_classes``, ``class_map``) or, for the pipeline's own, a checkpoint path; an
+    arch of a fixed input size (ViT) is built for ``image_size``."""
     if "checkpoint" in spec:
         return checkpoint.network(checkpoint.load(spec["checkpoint"], kind="distill", arch=spec["arch"],
                                                   recover=f"re-run the distillation of {spec['arch']}"))
     index = class_index(spec.get("class_map"), classes, where)
     num_classes = spec.get("num_classes") or len(classes)
-    model = models.trained(spec["arch"], num_classes, spec["weights"], key=f"{where}.weights")
+    model = models.trained(spec["arch"], num_classes, spec["weights"], key=f"{where}.weights", image_size=image_size)
     if index is None and num_classes != len(classes):
         raise ValueError(f"{where}: the model has {num_classes} classes, the dataset {len(classes)}; "
                          f"give a class_map from dataset classes to the model's")
@@ -317,27 +318,36 @@ def run_in_runtime(ctx: Context, model: nn.Module, image_size: int, float_layers
     quantize = functools.partial(deploy.quantize, weight_type=settings["weight_type"],
                                  per_channel=settings["per_channel"], reduce_range=settings["reduce_range"])
 
-    def int8_session(net: nn.Module, stem: str, keep: Sequence[int] = ()) -> tuple[deploy.Session, list[str], list[str]]:
+    def int8_session(net: nn.Module, stem: str,
+                     keep: Sequence[int] = ()) -> tuple[deploy.Session, list[str], list[str], list[str]]:
+        """The session, the quantizable modules (all but the first) and their nodes, and the modules
+        the quantized graph computes in integers (read from it, not assumed)."""
         fp32 = deploy.export(net, image_size, ctx.out_dir / "onnx" / f"{stem}.fp32.onnx", opset=settings["opset"])
         by_module = deploy.node_names(net, fp32, image_size)  # every Conv2d/Linear, in execution order
         first, *layers = by_module
         nodes = [by_module[m] for m in layers]
         path = quantize(fp32, ctx.out_dir / "onnx" / f"{stem}.int8.onnx", exclude=[by_module[first], *(nodes[l] for l in keep)])
-        return deploy.Session(path, settings["threads"]), layers, nodes
+        integer = set(deploy.quantized_nodes(fp32, path))
+        return deploy.Session(path, settings["threads"]), layers, nodes, [m for m in by_module if by_module[m] in integer]
 
     inputs, labels = _inputs(loader, ctx.normalize)
     acc = lambda logits: evaluate.accuracy(logits.argmax(1), labels)  # noqa: E731
-    session, modules, nodes = int8_session(model, "model")
+    session, modules, nodes, integer = int8_session(model, "model")
     kept = int8_session(model, "model_float_layers", float_layers)[0] if float_layers else session
     runtime_logits = session(inputs, 1)
     like = int8.simulator_like_runtime(model, image_size)
     sim_logits = _logits(lambda x: like(x, torch.full((len(x), like.num_layers), 8.0)), inputs)
     emulation, skipped = None, None
-    try:  # the runtime's integer arithmetic itself: tells a real difference from summation order
-        emulation = Agreement(**int8.agreement(_logits(int8.integer_emulation(model, image_size).eval(), inputs),
-                                               runtime_logits))
-    except ValueError as err:
-        skipped = str(err)
+    pinned = {"weight_type": "QInt8", "per_channel": False, "reduce_range": False}  # what int8 computes
+    if any(settings[key] != value for key, value in pinned.items()):
+        skipped = (f"int8.integer_emulation computes {pinned} only, audit.runtime has "
+                   f"{ {key: settings[key] for key in pinned} }; set those to compare it with the runtime")
+    else:
+        try:  # the runtime's integer arithmetic itself: tells a real difference from summation order
+            emulated = int8.integer_emulation(model, image_size, integer).eval()
+            emulation = Agreement(**int8.agreement(_logits(emulated, inputs), runtime_logits))
+        except ValueError as err:
+            skipped = str(err)
     others_measured = []
     for network, paths in (others or {}).items():
         for cell, path in paths.items():
@@ -381,7 +391,7 @@ def audit_model(name: str, spec: Mapping, out_dir: str | Path, figure: str | Pat
                   out_dir, seed)
     image_size, seconds = data_.image_size, {}
     test_set = data_.build("test")
-    model = subject(spec, test_set.classes, where=f"audit.models.{name}")
+    model = subject(spec, test_set.classes, where=f"audit.models.{name}", image_size=image_size)
     exported = copy.deepcopy(model)  # the job's device rewrites (runtime.Runtime.to_device) are the simulator's only
     simulated = checkpoint.quantizer(model, ctx.rt, image_size, **quant)
     test = data_.loader(test_set, evaluation["batch_size"], ctx.rt)

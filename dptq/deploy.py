@@ -12,6 +12,9 @@ mode first turns Gemm into MatMul + Add, so the classifier is quantized too):
 
 min and max run over the whole input tensor of a node, batch included: a served batch shares one
 range per layer, batch 1 gives every example its own; an all-zero input gets s_x = 1 (z_x = 0).
+Without VNNI, MatMulInteger's u8s8 kernel clips pairs of products to int16 (:func:`cpu_features`).
+Which nodes became integer ones is read from the quantized graph (:func:`quantized_nodes`), and
+their inputs and int32 sums can be read out of the runtime (:func:`integer_sums`).
 The same arithmetic in torch (the like-for-like simulator, the integer emulation) is
 :mod:`dptq.int8`, on the quantization parameters of :mod:`dptq.quant`.
 """
@@ -25,6 +28,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -158,6 +162,70 @@ def quantize(fp32_path, out_path, *, exclude: Sequence[str] = (), weight_type: s
             reduce_range=reduce_range, weight_type=QuantType[weight_type], nodes_to_exclude=excluded))
     finally:
         root.setLevel(level)
+
+
+INTEGER_OPS = ("ConvInteger", "MatMulInteger")
+
+
+def _integer_nodes(graph) -> dict[str, object]:
+    """The integer nodes of a quantized graph by the fp32 node they replace: quantize_dynamic names
+    the ConvInteger of Conv ``c`` ``c_quant``, the MatMulInteger of MatMul ``m`` ``m_quant`` and that
+    of Gemm ``g`` (first split into MatMul + Add) ``g_MatMul_quant``."""
+    out = {}
+    for node in graph.node:
+        if node.op_type in INTEGER_OPS:
+            if not node.name.endswith("_quant"):
+                raise ValueError(f"deploy: {node.op_type} node {node.name!r} is not named as quantize_dynamic names "
+                                 f"its nodes (<node>_quant); quantize the fp32 file with deploy.quantize")
+            base = node.name.removesuffix("_quant")
+            gemm = node.op_type == "MatMulInteger" and base.endswith("_MatMul")
+            out[base.removesuffix("_MatMul") if gemm else base] = node
+    return out
+
+
+def quantized_nodes(fp32_path, int8_path) -> list[str]:
+    """The nodes of ``fp32_path`` (names of :func:`quantizable_nodes`) that ``int8_path`` computes as
+    ConvInteger / MatMulInteger, read from the quantized graph, in graph order."""
+    import onnx
+
+    integer = _integer_nodes(onnx.load(str(int8_path), load_external_data=False).graph)
+    names = quantizable_nodes(fp32_path)
+    stray = sorted(set(integer) - set(names))
+    if stray:
+        raise ValueError(f"deploy.quantized_nodes: {int8_path} has integer nodes {stray[:3]} that {fp32_path} does "
+                         f"not have; give the fp32 file it was quantized from")
+    return [name for name in names if name in integer]
+
+
+def integer_sums(int8_path, images: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+    """For each integer node of ``int8_path``, by the fp32 node it replaces (:func:`quantized_nodes`):
+    its float input (what DynamicQuantizeLinear ranges) and its int32 sums Σ (q_x − z_x)·q_w, each
+    example run at batch 1 and stacked: ([B, ...] float32, [B, ...] int32). The runtime's own
+    intermediate values, exposed as extra graph outputs (so those nodes are not fused)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(int8_path))
+    producer = {out: node for node in model.graph.node for out in node.output}
+    wires = {}
+    for name, node in _integer_nodes(model.graph).items():
+        quantizer = producer[node.input[0]]
+        if quantizer.op_type != "DynamicQuantizeLinear":
+            raise ValueError(f"deploy.integer_sums: {node.name} reads {quantizer.op_type}, not DynamicQuantizeLinear; "
+                             f"{int8_path} is not from quantize_dynamic")
+        wires[name] = (quantizer.input[0], node.output[0])
+    kinds = {wire: kind for pair in wires.values() for wire, kind in zip(pair, (TensorProto.FLOAT, TensorProto.INT32))}
+    shown = {o.name for o in model.graph.output}  # an input several nodes quantize (once) is shown once
+    model.graph.output.extend(helper.make_tensor_value_info(w, kind, None) for w, kind in kinds.items() if w not in shown)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    x = images.detach().to("cpu", torch.float32).numpy()
+    runs = [dict(zip(names, session.run(None, {session.get_inputs()[0].name: x[i:i + 1]}))) for i in range(len(x))]
+    return {name: tuple(torch.from_numpy(np.concatenate([run[wire] for run in runs])) for wire in pair)
+            for name, pair in wires.items()}
 
 
 class Session:

@@ -10,11 +10,12 @@ quantization (float32 sums: differentiable, what attacks and training go through
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from . import graph
+from . import deploy, graph, mlas
 from .graph import execution_order
 from .quant import DynamicQuant, activation_qparams, activation_range, quantize_affine, weight_scale
 
@@ -127,48 +128,109 @@ def simulator_like_runtime(model: nn.Module, image_size: int, scale_rule: str = 
                         weights=[name for name, _ in order[1:]])  # ORT leaves the excluded first layer float
 
 
+INT16 = (-32768, 32767)
+
+
 class _IntegerLayer(nn.Module):
     """A Conv2d or Linear computed as quantize_dynamic's graph does: DynamicQuantizeLinear on its
     input, ConvInteger / MatMulInteger summed exactly (integers in float64), Cast to float32, Mul by
-    s_x · s_w, Add the bias."""
+    s_x · s_w, Add the bias.
 
-    def __init__(self, layer: nn.Module):
+    ``saturate``: the MatMulInteger sums as MLAS's AVX2 u8s8 kernel forms them on a CPU without
+    VNNI (``deploy.cpu_features()["u8s8_may_saturate"]``): it adds the raw products of adjacent
+    inputs in pairs (vpmaddubsw) and clips each pair to int16 before the int32 sum,
+
+        acc = Σ_j clip(q_x[2j]·q_w[2j] + q_x[2j+1]·q_w[2j+1], −2¹⁵, 2¹⁵−1) − z_x · Σ_k q_w[k],
+
+    (an odd K pads one zero). Only weight pairs with |q_w[2j]| + |q_w[2j+1]| > 32767 / 255 can
+    clip, so the exact sum is corrected on those alone. ConvInteger does not clip (measured:
+    tests/test_int8_networks.py), so a Conv2d is always exact.
+    """
+
+    def __init__(self, layer: nn.Module, saturate: bool = False):
         super().__init__()
         self.layer = layer
         w = layer.weight.detach()
         self.w_scale = weight_scale(w, 127)
         self.w_int = (w / self.w_scale).round().clamp(-127, 127).double()
+        self.pairs = _clipping_pairs(self.w_int) if saturate and isinstance(layer, nn.Linear) else None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def accumulate(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(the int32 sums of ConvInteger / MatMulInteger as float64, s_x), each example of ``x``
+        ranged on its own (the runtime at batch 1)."""
         shape = (-1,) + (1,) * (x.dim() - 1)
-        lo, hi = activation_range(x, "minmax")  # each example's own range: the runtime at batch 1
+        lo, hi = activation_range(x, "minmax")
         levels = torch.tensor(255.0, device=x.device)
         scale, zero = (t.reshape(shape) for t in activation_qparams(lo, hi, levels))
-        centred = quantize_affine(x, scale, zero, levels).sub(zero).double()
+        q = quantize_affine(x, scale, zero, levels).double()
+        centred = q - zero.double()
         if isinstance(self.layer, nn.Conv2d):
-            acc = nn.functional.conv2d(centred, self.w_int, None, self.layer.stride, self.layer.padding,
-                                       self.layer.dilation, self.layer.groups)
-        else:
-            acc = nn.functional.linear(centred, self.w_int)
+            return nn.functional.conv2d(centred, self.w_int, None, self.layer.stride, self.layer.padding,
+                                        self.layer.dilation, self.layer.groups), scale
+        acc = nn.functional.linear(centred, self.w_int)
+        return (acc if self.pairs is None else acc + _clipped_excess(q, self.w_int, self.pairs)), scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        acc, scale = self.accumulate(x)
         out = acc.float() * (scale * self.w_scale)
-        if self.layer.bias is not None:
-            out = out + self.layer.bias.reshape(-1, *[1] * (out.dim() - 2))
-        return out
+        if self.layer.bias is None:
+            return out
+        channel = 1 if isinstance(self.layer, nn.Conv2d) else out.dim() - 1  # a Linear's features: the last dim
+        return out + self.layer.bias.reshape([-1 if d == channel else 1 for d in range(out.dim())])
 
 
-def integer_emulation(model: nn.Module, image_size: int) -> nn.Module:
-    """The quantized ONNX model's arithmetic in torch, as at batch 1: BN folded, every
-    Conv2d/Linear but the first as :class:`_IntegerLayer`. It tells a real difference between
-    simulator and runtime from float32 summation order (the simulator sums s_x·s_w·(q − z)·q_w in
-    float32, the runtime integers in int32: one ulp apart in a layer's maximum gives another step
-    s, which deep networks carry to the logits)."""
-    folded = fold_batchnorm(model, image_size=image_size)
-    for name, layer in execution_order(folded, image_size)[1:]:
+def _clipping_pairs(w_int: Tensor) -> tuple[Tensor, Tensor]:
+    """(output n, pair j) of the weight pairs (q_w[n, 2j], q_w[n, 2j+1]) whose products with
+    inputs in [0, 255] can leave int16: |q_w[n, 2j]| + |q_w[n, 2j+1]| > 32767 / 255."""
+    pairs = _paired(w_int.abs()).sum(-1)  # [N, K/2]
+    return torch.nonzero(pairs * 255 > INT16[1], as_tuple=True)
+
+
+def _paired(t: Tensor) -> Tensor:
+    """``t`` [..., K] as [..., ⌈K/2⌉, 2], adjacent entries paired (an odd K padded with one 0)."""
+    return nn.functional.pad(t, (0, t.shape[-1] % 2)).unflatten(-1, (-1, 2))
+
+
+def _clipped_excess(q: Tensor, w_int: Tensor, pairs: tuple[Tensor, Tensor]) -> Tensor:
+    """Σ_j clip(p_j) − p_j per output, with p_j = q[2j]·q_w[n, 2j] + q[2j+1]·q_w[n, 2j+1] on the
+    ``pairs`` that can clip (:func:`_clipping_pairs`): what the clipping kernel loses, [..., N]."""
+    n, j = pairs
+    products = (_paired(q)[..., j, :] * _paired(w_int)[n, j]).sum(-1)  # [..., P]
+    excess = products.clamp(*INT16) - products
+    return torch.zeros(*q.shape[:-1], w_int.shape[0], dtype=q.dtype, device=q.device).index_add_(-1, n, excess)
+
+
+def integer_emulation(model: nn.Module, image_size: int, layers: Sequence[str] | None = None, *,
+                      u8s8_saturate: bool | None = None) -> nn.Module:
+    """The quantized ONNX model's arithmetic in torch, as at batch 1: BN folded; the Conv2d/Linear
+    modules named in ``layers`` as :class:`_IntegerLayer` (default: every one but the first, as
+    :mod:`dptq.audit` quantizes; take a quantized file's from ``deploy.quantized_nodes``), the
+    rest float; the activations and spatial means whose runtime kernels round otherwise than
+    torch's computed as those do (:mod:`dptq.mlas`). ``u8s8_saturate``: MatMulInteger's int16
+    pair clipping (default: whether this CPU's kernel clips, ``deploy.cpu_features``).
+
+    Given the runtime's own input to a layer, its int32 sums are the runtime's
+    (tests/test_int8_networks.py). What it leaves is float kernels whose summation order it does
+    not reproduce (the float first layer, LayerNorm, Erf, softmax): one ulp moves a value across
+    a rounding step of the next layer's quantizer now and then, and a deep network carries that
+    step to its logits, as it does in the runtime itself for an input one ulp away."""
+    if u8s8_saturate is None:
+        u8s8_saturate = deploy.cpu_features()["u8s8_may_saturate"]
+    folded = mlas.as_runtime_computes(fold_batchnorm(model, image_size=image_size))
+    order = execution_order(folded, image_size)
+    chosen = [name for name, _ in order[1:]] if layers is None else list(layers)
+    modules = dict(order)
+    unknown = [name for name in chosen if name not in modules]
+    if unknown:
+        raise ValueError(f"int8.integer_emulation: {unknown[:3]} are not Conv2d/Linear modules that "
+                         f"{type(model).__name__} runs; name layers as deploy.node_names does")
+    for name in chosen:
+        layer = modules[name]
         # a Linear subclass still computes x·Wᵀ + b (timm's only casts); a Conv2d one may pad its own way
         if isinstance(layer, nn.Conv2d) and (type(layer).forward is not nn.Conv2d.forward or layer.padding_mode != "zeros"):
             raise ValueError(f"int8.integer_emulation: {name} ({type(layer).__name__}) has its own forward; "
                              "only Conv2d layers with the stock forward and zero padding can be emulated")
-        graph.replace(folded, name, _IntegerLayer(layer))
+        graph.replace(folded, name, _IntegerLayer(layer, u8s8_saturate))
     return folded
 
 

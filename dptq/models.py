@@ -40,8 +40,19 @@ class WeightsError(ValueError):
     """A weights file that does not fit the network it is given for."""
 
 
-def create(arch: str, num_classes: int, pretrained: bool | str = False):
-    """A timm model with a fresh ``num_classes`` head.
+def size_kwargs(arch: str, image_size: int | None) -> dict:
+    """timm's ``img_size`` for an arch built for one input size (its pretrained config's
+    ``fixed_input_size``: ViT, Swin, ...), so that it runs at the dataset's ``image_size``; nothing
+    for a network that takes any size (or where ``image_size`` is None)."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(arch, allow_unregistered=True)
+    return {"img_size": image_size} if image_size is not None and cfg is not None and cfg.fixed_input_size else {}
+
+
+def create(arch: str, num_classes: int, pretrained: bool | str = False, image_size: int | None = None):
+    """A timm model with a fresh ``num_classes`` head, built for ``image_size`` where the arch fixes
+    its input size (:func:`size_kwargs`; timm resamples hub position embeddings to it).
 
     ``pretrained`` is ``False`` (from scratch), ``True`` (timm's hub) or the path of a local
     weights file, loaded through timm's pretrained-config overlay so that the head is replaced
@@ -49,29 +60,31 @@ def create(arch: str, num_classes: int, pretrained: bool | str = False):
     """
     import timm
 
+    sized = size_kwargs(arch, image_size)
     if isinstance(pretrained, str):
         fix = ", or set teacher.pretrained to false"
         path = _weights_file(pretrained, arch, "teacher.pretrained", ", or set it to false")
         state = _read(path, "teacher.pretrained", arch, fix)  # a file that is no weights at all: one line, before timm
         try:
             return timm.create_model(arch, pretrained=True, num_classes=num_classes,
-                                     pretrained_cfg_overlay=dict(file=str(path.resolve())))
+                                     pretrained_cfg_overlay=dict(file=str(path.resolve())), **sized)
         except _LOAD_ERRORS:
-            raise _misfit("teacher.pretrained", path, arch, timm.create_model(arch, num_classes=num_classes), state,
-                          fix) from None
-    return timm.create_model(arch, pretrained=bool(pretrained), num_classes=num_classes)
+            raise _misfit("teacher.pretrained", path, arch, timm.create_model(arch, num_classes=num_classes, **sized),
+                          state, fix) from None
+    return timm.create_model(arch, pretrained=bool(pretrained), num_classes=num_classes, **sized)
 
 
-def trained(arch: str, num_classes: int, weights: str | Path, key: str = "weights"):
+def trained(arch: str, num_classes: int, weights: str | Path, key: str = "weights", image_size: int | None = None):
     """A trained timm classifier of ``num_classes`` outputs from a local file, its head kept: a
     state dict, a timm checkpoint (``state_dict`` / ``model`` / EMA entries) or safetensors, read by
-    timm's own reader; in eval mode. ``key`` names the setting in the errors."""
+    timm's own reader; in eval mode, built for ``image_size`` where the arch fixes its input size
+    (:func:`size_kwargs`). ``key`` names the setting in the errors."""
     import timm
 
     fix = f", trained for {num_classes} classes"
     path = _weights_file(weights, arch, key, fix)
     state = _read(path, key, arch, fix)
-    model = timm.create_model(arch, num_classes=num_classes)
+    model = timm.create_model(arch, num_classes=num_classes, **size_kwargs(arch, image_size))
     try:
         model.load_state_dict(state, strict=True)
     except _LOAD_ERRORS:
