@@ -413,10 +413,11 @@ def audit_model(name: str, spec: Mapping, out_dir: str | Path, figure: str | Pat
     if deployed.session_float_layers is not deployed.session:
         runners["runtime_float_layers"] = deployed.session_float_layers
     with _timed(seconds, "coupling"):
-        points = coupling.measure(deployed.model, runners, image_size, subset,
+        points, guard = coupling.measure(deployed.model, runners, image_size, subset,
                                   analysis.subset_loader(job, "train", analysis_settings["max_examples"]), ctx.normalize,
                                   audit["coupling"], analysis_settings["corruptions"], seed)
     points.insert(0, "model", name)
+    drops = tables.coupling_drops(points, ("runner", "kind", "batch_size")).to_dict("records")
     worst = min(c.worst_acc for c in found.cells)
     result = AuditResult(
         model=name, arch=spec["arch"], inputs=inputs(spec, dataset, image_size), clean_acc=fp_acc, test_images=int(len(labels)),
@@ -424,7 +425,9 @@ def audit_model(name: str, spec: Mapping, out_dir: str | Path, figure: str | Pat
         float_layers=[deployed.modules[l] for l in found.float_layers],
         nodes_to_exclude=[deployed.nodes[l] for l in found.float_layers],
         simulated=Verdict.of(worst, fp_acc, audit["tolerated_drop"]), runtime=deployed.result,
-        coupling=tables.coupling_drops(points, ("runner", "kind", "batch_size")).to_dict("records"), cpu=deploy.cpu_features(), seconds=seconds)
+        coupling=drops, coupling_verdict=tables.coupling_verdict(drops, "runtime", audit["tolerated_drop"]),
+        guard=None if guard is None else guard | {"verdict": tables.coupling_verdict(drops, "runtime_guarded", audit["tolerated_drop"])},
+        cpu=deploy.cpu_features(), seconds=seconds)
     write(result, found, deployed, points, out_dir, figure)
     return result
 

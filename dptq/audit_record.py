@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,9 +77,11 @@ class AuditResult:
     nodes_to_exclude: list[str]  # their ONNX node names, for onnxruntime's quantize_dynamic
     simulated: Verdict  # the worst case over every cell and controller
     runtime: RuntimeResult
-    coupling: list[dict]  # per (runner, kind, batch_size): batches, drop, ci95 (coupling.summarize)
+    coupling: list[dict]  # per (runner, kind, batch_size): batches, drop, ci95 (tables.coupling_drops)
     cpu: dict
     seconds: dict[str, float]
+    coupling_verdict: dict | None = None  # the runtime as served (tables.coupling_verdict); None in records before it
+    guard: dict | None = None  # the range guard (coupling.RangeGuard): threshold, shares served alone, cost, verdict
 
     def write(self, path: str | Path) -> Path:
         return atomic_text(path, json.dumps(dataclasses.asdict(self), indent=1))
@@ -95,16 +98,18 @@ class AuditResult:
     def summary(self, record: str | Path) -> str:
         """What a person reads first: every verdict with its numbers, the tolerated drop, the advice."""
         worst = min(self.cells, key=lambda c: c.worst_acc)
-        largest = max((c for c in self.coupling if c["runner"] == "runtime"), key=lambda c: c["drop"], default=None)
         lines = [f"{self.model} ({self.arch}): clean accuracy {self.clean_acc:.1f} % on {self.test_images} test images; "
                  f"a verdict fails when the drop exceeds {self.tolerated_drop:g} points",
                  f"  simulated worst case: {self.simulated.verdict.upper()}, {self.simulated.acc:.1f} % (drop "
                  f"{self.simulated.drop:.1f}; the {worst.worst_policy} controller at cell {worst.cell})",
                  f"  ONNX Runtime int8, batch 1: {self.runtime.verdict.verdict.upper()}, {self.runtime.verdict.acc:.1f} % "
                  f"(drop {self.runtime.verdict.drop:.1f})"]
-        if largest is not None:
-            lines.append(f"  batch coupling in ONNX Runtime: one {largest['kind']} batch-mate costs the others "
-                         f"{largest['drop']:.1f} ± {largest['ci95']:.1f} points at batch {largest['batch_size']}")
+        if self.coupling_verdict is not None:
+            lines.append(f"  batch coupling in ONNX Runtime: {_coupling_line(self.coupling_verdict)}")
+        if self.guard is not None and self.guard["verdict"] is not None:
+            lines.append(f"  with the range guard (inputs over {self.guard['threshold_bits']:.1f} bits served alone: "
+                         f"{self.guard['served_alone_clean_pct']:.1f} % of clean, {self.guard['served_alone_corrupted_pct']:.1f} % "
+                         f"of corrupted test images): {_coupling_line(self.guard['verdict'])}")
         if self.float_layers:
             kept = min(c.worst_acc_float_layers for c in self.cells)
             lines.append(f"  advice: keep {len(self.float_layers)} layer(s) in float (quantize_dynamic's nodes_to_exclude: "
@@ -114,3 +119,10 @@ class AuditResult:
             lines.append("  advice: no layer needs to stay in float")
         lines.append(f"  record: {record}")
         return "\n".join(lines)
+
+
+def _coupling_line(verdict: Mapping) -> str:
+    """``FAIL: one crafted batch-mate costs the others 38.0 ± 13.9 points at batch 8 (8 batches)``."""
+    return (f"{verdict['verdict'].upper()}: one {verdict['kind']} batch-mate costs the others {verdict['drop']:.1f} ± "
+            f"{verdict['ci95']:.1f} points at batch {verdict['batch_size']} ({verdict['batches']} batches; the largest "
+            f"mean drop {verdict['largest_drop']:.1f})")

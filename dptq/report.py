@@ -326,7 +326,12 @@ def _audit_html(results: Sequence[AuditResult], cells: pd.DataFrame, points: pd.
         "simulated worst acc": r.simulated.acc, "simulated verdict": r.simulated.verdict,
         "runtime int8 acc": r.runtime.verdict.acc, "runtime verdict": r.runtime.verdict.verdict,
         "float layers": ", ".join(r.float_layers) or "none",
-        "runtime acc, float layers": r.runtime.acc_float_layers} for r in results])
+        "runtime acc, float layers": r.runtime.acc_float_layers,
+        "batch coupling verdict": _coupling_cell(r.coupling_verdict),
+        "with the range guard": _coupling_cell(r.guard and r.guard["verdict"]),
+        "served alone by the guard, clean / corrupted (%)":
+            f"{r.guard['served_alone_clean_pct']:.1f} / {r.guard['served_alone_corrupted_pct']:.1f}" if r.guard else "–"}
+        for r in results])
     controllers = cells[cells["policy"] != "fp"]
     wide = controllers.pivot_table(index=["model", "version", "budget"], columns="policy", values="acc",
                                    aggfunc="first", sort=False)
@@ -350,6 +355,13 @@ def _audit_html(results: Sequence[AuditResult], cells: pd.DataFrame, points: pd.
     return {"verdicts": _html(verdicts, "audit-verdicts"),
             "cells": _html(wide.drop(columns=["version", "budget"]), "audit-cells"),
             "runtime": _html(runtime, "audit-runtime"), "coupling": _html(table, "audit-coupling")}
+
+
+def _coupling_cell(verdict: Mapping | None) -> str:
+    """``fail: crafted at n = 8, 38.0 ± 13.9`` (the row with the largest lower end), or –."""
+    if not verdict:
+        return "–"
+    return f"{verdict['verdict']}: {verdict['kind']} at n = {verdict['batch_size']}, {_pm(verdict['drop'], verdict['ci95'])}"
 
 
 # ---------------------------------------------------------------- the page

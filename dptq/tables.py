@@ -115,6 +115,21 @@ def coupling_drops(points: pd.DataFrame, by: Sequence[str] = ("kind", "batch_siz
     return drops.agg(batches="size", drop="mean", ci95=ci95).reset_index()
 
 
+def coupling_verdict(drops: Sequence[Mapping], runner: str, tolerated_drop: float) -> dict | None:
+    """The batch-coupling verdict of ``runner`` from :func:`coupling_drops`' rows: fail when the lower
+    end of some (kind, batch size)'s 95 % interval, drop - ci95, exceeds ``tolerated_drop``: the
+    coupling is then shown, not merely possible. The row with the largest lower end is reported
+    (``batches``: how many batches its interval rests on). None where ``runner`` has no rows."""
+    rows = [r for r in drops if r["runner"] == runner]
+    if not rows:
+        return None
+    lower = lambda r: r["drop"] - (0.0 if math.isnan(r["ci95"]) else r["ci95"])  # noqa: E731
+    worst = max(rows, key=lower)
+    return {"verdict": "fail" if lower(worst) > tolerated_drop else "pass", "runner": runner, "kind": worst["kind"],
+            "batch_size": int(worst["batch_size"]), "batches": int(worst["batches"]), "drop": float(worst["drop"]),
+            "ci95": float(worst["ci95"]), "lower": float(lower(worst)), "largest_drop": max(float(r["drop"]) for r in rows)}
+
+
 def summarize(table1: pd.DataFrame, max_fp_gap: float, budget_levels: Mapping[str, float],
               effect: pd.DataFrame) -> pd.DataFrame:
     """Per (arch, version, budget, mode): ``n_seeds``, mean and :func:`ci95` of fp_acc, q_acc, delta

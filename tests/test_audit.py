@@ -174,6 +174,8 @@ def test_command_line_audits_a_model_of_other_classes_on_an_image_folder(tmp_pat
         assert path.is_dir() or path.stat().st_mode & 0o777 == 0o666 & ~umask, path
     summary = out.stdout.strip().splitlines()
     assert summary[0].startswith("mine (resnet18): clean accuracy") and "exceeds 1 points" in summary[0]
+    assert record["coupling_verdict"]["verdict"] in ("pass", "fail") and record["coupling_verdict"]["batches"] == 2
+    assert record["guard"]["verdict"]["runner"] == "runtime_guarded" and record["guard"]["quantile"] == 100.0
     for line, says in zip(summary[1:], ("simulated worst case: ", "ONNX Runtime int8, batch 1: ", "batch coupling in ONNX",
-                                        "advice: ")):
+                                        "with the range guard", "advice: ")):
         assert line.strip().startswith(says), (line, says)

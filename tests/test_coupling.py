@@ -1,5 +1,7 @@
 """dptq.coupling on a tiny conv net trained briefly on synthetic 10-class images; accuracy is
 agreement with the network's own full-precision predictions."""
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -74,18 +76,19 @@ def test_one_loud_input_costs_its_batch_mates_only_under_the_batch_rule(problem)
     assert torch.equal(run(loud, 1)[:31], run(mates, 1))  # per-example ranges: no coupling
 
 
-def test_largest_range_and_worst_corrupted_images(problem):
+def test_range_scores_count_the_bits_taken_from_the_median_image(problem):
     q, x = problem["quant"], problem["fit"][:64]
     scores = coupling.range_score(q, normalize(x), normalize(x))
     assert scores.shape == (64,) and (scores >= 0).all()
     assert coupling.largest_range_image(x, q, normalize) == int(scores.argmax())
+    ranges = coupling.layer_ranges(q, normalize(x))
+    median = ranges.median(0).values
+    by_hand = sum(max(0.0, math.log2(float(ranges[0, l] / median[l]))) for l in range(q.num_layers))
+    assert float(scores[0]) == pytest.approx(by_hand, rel=1e-5)
     noisy = corruptions.corrupt(x[:8], "gaussian_noise", 5, seed=0)[0]
+    # a noisy image stretches the ranges past the clean median, and a blurred one hardly
     blurred = corruptions.corrupt(x[:8], "gaussian_blur", 5, seed=0)[0]
-    worst = coupling.worst_corrupted(x, q, torch.cat([blurred, noisy]), normalize)
-    assert worst.shape == x[0].shape and ((worst == noisy).all((1, 2, 3)) | (worst == blurred).all((1, 2, 3))).any()
-    # alone or among 15 others: a batch of another size may round the convolution's sums otherwise
-    assert coupling.range_score(q, normalize(worst[None]), normalize(x)) >= \
-        coupling.range_score(q, normalize(torch.cat([blurred, noisy])), normalize(x)).max() - 1e-5
+    assert coupling.bits_taken(q, normalize(noisy), median).mean() > coupling.bits_taken(q, normalize(blurred), median).mean()
 
 
 @pytest.fixture(scope="module")
@@ -128,16 +131,57 @@ def test_curves_and_summary_shape_and_the_clean_control(problem, attackers):
     sizes = (2, 8, 300)  # 299 mates > the 256 images: drawn with replacement
     df = coupling.curves(run, problem["eval"], problem["labels"], {"crude": attackers["crude"]}, normalize,
                          batch_sizes=sizes, batches=3, seed=1)
-    assert list(df.columns) == ["kind", "batch_size", "batch_index", "mates_acc", "clean_acc"]
+    assert list(df.columns) == ["kind", "batch_size", "batch_index", "mates_acc", "clean_acc", "guarded"]
+    assert not df.guarded.any()
     assert len(df) == 2 * len(sizes) * 3 and set(df.kind) == {"none", "crude"}
     assert (df.clean_acc == 100).all()  # agreement with the FP predictions at batch 1
     again = coupling.curves(run, problem["eval"], problem["labels"], {"crude": attackers["crude"]}, normalize,
                             batch_sizes=sizes, batches=3, seed=1)
     assert df.equals(again)
+    alone = coupling.curves(run, problem["eval"], problem["labels"], {"crude": attackers["crude"]}, normalize,
+                            batch_sizes=sizes, batches=3, seed=1, control=False)
+    assert alone.equals(df[df.kind == "crude"].reset_index(drop=True))  # the same draws without the control
     summary = tables.coupling_drops(df)
     assert list(summary.columns) == ["kind", "batch_size", "batches", "drop", "ci95"] and len(summary) == 2 * len(sizes)
     assert (summary.batches == 3).all() and (summary.ci95 >= 0).all()
     assert summary[summary.kind == "none"]["drop"].abs().max() < 1.0
+
+
+def test_the_range_guard_serves_the_loud_inputs_alone_and_the_adaptive_attacker_stays_quiet(problem, attackers):
+    """The guard's threshold is its quantile of the calibration scores; behind it the crude input
+    costs its mates nothing (it is served alone), and the adaptive attacker, kept under the
+    threshold, takes no more than the threshold's bits."""
+    q, fit, evaluation = problem["quant"], normalize(problem["fit"]), normalize(problem["eval"])
+    guard = coupling.RangeGuard.fit(q, fit, 99.0)
+    scores = coupling.bits_taken(q, fit, guard.median)
+    assert guard.threshold == pytest.approx(float(torch.quantile(scores, 0.99)))
+    assert coupling.RangeGuard.fit(q, fit, 100.0, 1.5).threshold == pytest.approx(1.5 * float(scores.max()))
+    assert (scores > guard.threshold).sum() == 3  # 1 % of 256, rounded up by the interpolation
+    assert guard.alone(q, evaluation).float().mean() < 0.03
+    assert bool(guard.alone(q, normalize(attackers["crude"][None])))
+    scores_eval = guard.scores(q, evaluation)
+    start = problem["eval"][int(scores_eval.masked_fill(scores_eval > guard.threshold, float("-inf")).argmax())]
+    adaptive = coupling.craft(q, problem["fit"], normalize, init=start, bits=4, steps=40, lr=0.02, guard=guard)
+    assert not bool(guard.alone(q, normalize(adaptive[None])))
+    run = coupling.simulator_runner(q, bits=4)
+    df = coupling.curves(run, problem["eval"], problem["labels"], {"crude": attackers["crude"], "adaptive": adaptive},
+                         normalize, batch_sizes=(32,), batches=8, seed=0, served_alone=lambda x: guard.alone(q, x))
+    drop = tables.coupling_drops(df, ("guarded", "kind")).set_index(["guarded", "kind"])["drop"]
+    assert drop[(False, "crude")] > 15 and abs(drop[(True, "crude")] - drop[(False, "none")]) < 1  # 31 clean mates
+    assert drop[(True, "adaptive")] == pytest.approx(drop[(False, "adaptive")], abs=0.01)  # admitted: served as before
+    assert drop[(False, "adaptive")] < drop[(False, "crude")] - 10
+
+
+def test_the_coupling_verdict_fails_only_on_a_shown_drop():
+    rows = [{"runner": "runtime", "kind": "none", "batch_size": 8, "batches": 8, "drop": 0.5, "ci95": 0.7},
+            {"runner": "runtime", "kind": "crafted", "batch_size": 8, "batches": 8, "drop": 3.0, "ci95": 2.5},
+            {"runner": "runtime", "kind": "crafted", "batch_size": 32, "batches": 8, "drop": 2.0, "ci95": 0.5},
+            {"runner": "other", "kind": "crafted", "batch_size": 8, "batches": 8, "drop": 50.0, "ci95": 1.0}]
+    verdict = tables.coupling_verdict(rows, "runtime", 1.0)
+    assert verdict["verdict"] == "fail" and (verdict["kind"], verdict["batch_size"]) == ("crafted", 32)
+    assert verdict["lower"] == 1.5 and verdict["largest_drop"] == 3.0
+    assert tables.coupling_verdict(rows, "runtime", 1.5)["verdict"] == "pass"  # 1.5 is not over 1.5
+    assert tables.coupling_verdict(rows, "absent", 1.0) is None
 
 
 def test_the_runtime_at_batch_n_is_the_simulators_batch_rule(problem, attackers, tmp_path):

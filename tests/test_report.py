@@ -433,6 +433,12 @@ def test_audit_section_states_the_verdicts_first_with_their_numbers(tmp_path):
                               Agreement(100.0, 0.0, 1e-7), None, {"per_channel": False},
                               [{"network": "D", "cell": "I-A", "fp_acc": 97.0, "runtime_acc": 95.0}]),
         coupling=[], cpu={"cpu_model": "x86", "avx512_vnni": False, "avx_vnni": False, "u8s8_may_saturate": True},
+        coupling_verdict={"verdict": "fail", "runner": "runtime", "kind": "crude", "batch_size": 8, "batches": 2,
+                          "drop": 4.25, "ci95": 9.53, "lower": -5.28, "largest_drop": 4.25},
+        guard={"threshold_bits": 3.0, "quantile": 100.0, "factor": 1.5, "median_ranges": [1.0], "served_alone_clean_pct": 0.7,
+               "served_alone_corrupted_pct": 4.2, "verdict": {"verdict": "pass", "runner": "runtime_guarded",
+                                                              "kind": "none", "batch_size": 8, "batches": 2, "drop": 0.1,
+                                                              "ci95": 0.3, "lower": -0.2, "largest_drop": 0.1}},
         seconds={})
     cells = pd.DataFrame([dict(model="mine", version="I", budget="A", policy=p, network="N", acc=a, fp_acc=98.0,
                                drop=98.0 - a) for p, a in {"fp": 98.0, **acc}.items()])
@@ -442,7 +448,7 @@ def test_audit_section_states_the_verdicts_first_with_their_numbers(tmp_path):
                            for b, (m, c) in enumerate(rows)])
     html = report._audit_html([AuditResult.read(result.write(tmp_path / "audit.json"))], cells, points)
     assert list(html) == ["verdicts", "cells", "runtime", "coupling"]
-    for fragment in ("mine", "fail", "pass", "90.00", "97.50", "layer4.0.conv1"):
+    for fragment in ("mine", "fail", "pass", "90.00", "97.50", "layer4.0.conv1", "crude at n = 8", "0.7 / 4.2"):
         assert fragment in html["verdicts"], fragment
     assert "learned" in html["cells"] and "97.20" in html["cells"] and "I-A" in html["cells"]
     assert "3e-08" in html["runtime"] and "95.00" in html["runtime"]
