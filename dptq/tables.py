@@ -119,8 +119,9 @@ def coupling_verdict(drops: Sequence[Mapping], runner: str, tolerated_drop: floa
     """The batch-coupling verdict of ``runner`` from :func:`coupling_drops`' rows: fail when the lower
     end of some (kind, batch size)'s 95 % interval, drop - ci95, exceeds ``tolerated_drop``: the
     coupling is then shown, not merely possible. The row with the largest lower end is reported
-    (``batches``: how many batches its interval rests on). None where ``runner`` has no rows."""
-    rows = [r for r in drops if r["runner"] == runner]
+    (``batches``: how many batches its interval rests on). The control rows (kind ``none``: a clean
+    batch-mate) are no attack and not judged. None where ``runner`` has no attacker's rows."""
+    rows = [r for r in drops if r["runner"] == runner and r["kind"] != "none"]
     if not rows:
         return None
     lower = lambda r: r["drop"] - (0.0 if math.isnan(r["ci95"]) else r["ci95"])  # noqa: E731

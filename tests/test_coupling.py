@@ -173,7 +173,7 @@ def test_the_range_guard_serves_the_loud_inputs_alone_and_the_adaptive_attacker_
 
 
 def test_the_coupling_verdict_fails_only_on_a_shown_drop():
-    rows = [{"runner": "runtime", "kind": "none", "batch_size": 8, "batches": 8, "drop": 0.5, "ci95": 0.7},
+    rows = [{"runner": "runtime", "kind": "none", "batch_size": 8, "batches": 8, "drop": 5.0, "ci95": 0.1},
             {"runner": "runtime", "kind": "crafted", "batch_size": 8, "batches": 8, "drop": 3.0, "ci95": 2.5},
             {"runner": "runtime", "kind": "crafted", "batch_size": 32, "batches": 8, "drop": 2.0, "ci95": 0.5},
             {"runner": "other", "kind": "crafted", "batch_size": 8, "batches": 8, "drop": 50.0, "ci95": 1.0}]
@@ -182,6 +182,7 @@ def test_the_coupling_verdict_fails_only_on_a_shown_drop():
     assert verdict["lower"] == 1.5 and verdict["largest_drop"] == 3.0
     assert tables.coupling_verdict(rows, "runtime", 1.5)["verdict"] == "pass"  # 1.5 is not over 1.5
     assert tables.coupling_verdict(rows, "absent", 1.0) is None
+    assert tables.coupling_verdict(rows[:1], "runtime", 1.0) is None  # the control alone is no attack
 
 
 def test_the_runtime_at_batch_n_is_the_simulators_batch_rule(problem, attackers, tmp_path):
