@@ -6,7 +6,8 @@ diagnostics of a cell (bench/SCIENCE.md §8).
 
 Per epoch (one row): the steps so far; on the test set, the pair's full-precision accuracy and its
 Δ under its own policy (Q − FP); the share of the epoch's training examples whose hinge term was
-already zero (margin met: they pulled nothing); the share of (test image, layer) pairs the
+already zero (margin met: they pulled nothing; with ``pairs.objective.loss: target`` the hinge
+is only measured, not trained on); the share of (test image, layer) pairs the
 policy gives its lowest option (the mean bits are C / N by construction). At the end: per
 quantized layer, the pair's mean activation range (hi − lo, minmax, full precision) over W's on the
 same test images, the layers whose range grew most first: under minmax a b-bit step is range / (2^b − 1),
@@ -93,7 +94,7 @@ def main():
                 level=pairs["budgets"][budget], offset=pairs["budget_offset"][version])
     recipe = train.recipe(pairs, cfg["evaluate"]["batch_size"], grad_clip=pairs["grad_clip"], select_best=pairs["select_best"])
     stage = WatchedPair(recipe, digits, rt, network, cell, cfg["quant"], pairs["policy"], pairs["margin"], pairs["alpha"],
-                        pairs["beta"], cfg["kd"]["temperature"], test_loader=test)
+                        pairs["beta"], cfg["kd"]["temperature"], pairs["objective"], test_loader=test)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     train.fit(stage, args.seed, out / "pair.pt", out / "curve.csv")

@@ -155,7 +155,7 @@ def _cross_field_problems(cfg: Mapping):
         if cfg[section]["min_lr"] > lowest:
             yield f"{section}.min_lr: {cfg[section]['min_lr']} is above {section}.lr ({lrs}); the cosine schedule decays from lr down to min_lr"
         epochs = cfg[section]["epochs"]
-        fewest = min(epochs.values()) if isinstance(epochs, Mapping) else epochs
+        fewest = min(_values(epochs))
         if cfg[section]["warmup_epochs"] > fewest:
             yield (f"{section}.warmup_epochs: {cfg[section]['warmup_epochs']} is more than {section}.epochs "
                    f"({epochs}); the warm-up is part of the epochs, use at most {fewest}")
@@ -188,28 +188,66 @@ def _cross_field_problems(cfg: Mapping):
         return
     for section, keys in PER_ARCH.items():
         for key in keys:
-            value = cfg[section][key]
+            value = at(cfg[section], key)
             # extra archs are allowed: a profile that narrows kd.archs cannot delete map keys
             if isinstance(value, Mapping) and set(archs) - set(value):
                 yield (f"{section}.{key}: the map has no value for {sorted(set(archs) - set(value))} of kd.archs "
                        f"{archs}; give one value per arch, or one value for all")
     for section, keys in PER_MODE.items():
         for key in keys:
-            value = cfg[section][key]
+            value = at(cfg[section], key)
             for arch, entry in value.items() if isinstance(value, Mapping) else ():
                 if isinstance(entry, Mapping) and set(pairs["modes"]) - set(entry):
                     yield (f"{section}.{key}.{arch}: the map has no value for {sorted(set(pairs['modes']) - set(entry))} "
                            f"of pairs.modes; give one value per mode, or one value for both")
+    yield from _objective_problems(cfg)
     yield from budgets.problems(cfg)
+
+
+def _values(value) -> list:
+    """Every value of a setting that may be one value, per arch, or per arch and mode."""
+    return [v for entry in value.values() for v in _values(entry)] if isinstance(value, Mapping) else [value]
+
+
+def _objective_problems(cfg: Mapping):
+    """The squared target penalty is a detrimental objective: a robust pair that resolves to it is refused."""
+    pairs = cfg["pairs"]
+    if "robust" not in pairs["modes"]:
+        return
+    robust = [arch for arch in cfg["kd"]["archs"] if section_for(cfg, "pairs", arch, "robust")["objective"]["loss"] != "hinge"]
+    if robust:
+        yield (f"pairs.objective.loss: the robust pairs of {robust} get 'target', the detrimental objective (it "
+               f"drives the quantized cross-entropy up); give those archs {{robust: hinge, detrimental: target}}")
 
 
 # Settings that may be one value for every arch or a map arch -> value (the paper distils
 # MobileNetV4 at batch 64; on digits it needs more distillation epochs and its pairs a lower
-# learning rate).
-PER_ARCH = {"kd": ("epochs", "batch_size"), "pairs": ("epochs", "lr", "alpha")}
+# learning rate). A dotted name is a key inside a key of the section (``objective.loss``).
+OBJECTIVE = ("objective.loss", "objective.target", "objective.weight")
+PER_ARCH = {"kd": ("epochs", "batch_size"), "pairs": ("epochs", "lr", "alpha", *OBJECTIVE)}
 # Of those, the settings whose value for an arch may be a map mode -> value: the KD weight holds
-# the detrimental pair's FP accuracy near W, which its hinge pulls away and the robust hinge does not.
-PER_MODE = {"pairs": ("alpha",)}
+# the detrimental pair's FP accuracy near W, which its hinge pulls away and the robust hinge does not;
+# the quantized term's objective differs between the modes when the detrimental one is the target penalty,
+# and so may the schedule (the hinge's detrimental pair at 4- and 5-bit floors needs more steps, bench/SCIENCE.md §8-9).
+PER_MODE = {"pairs": ("epochs", "alpha", *OBJECTIVE)}
+
+
+def at(section: Mapping, key: str):
+    """The value of the dotted ``key`` inside ``section`` (``objective.loss``: section["objective"]["loss"])."""
+    for part in key.split("."):
+        section = section[part]
+    return section
+
+
+def _resolve(tree: Mapping, key: str, choice: str) -> Mapping:
+    """``tree`` with the map at the dotted ``key`` replaced by its ``choice`` entry (an arch or a
+    mode); a key that is absent or already one value is left as it is. Maps on the way are copied."""
+    head, _, rest = key.partition(".")
+    if head not in tree or not isinstance(tree[head], Mapping):
+        return tree
+    out = dict(tree)
+    out[head] = _resolve(out[head], rest, choice) if rest else out[head][choice]
+    return out
 
 
 def cell_name(version: str, budget: str) -> str:
@@ -241,12 +279,10 @@ def section_for(cfg: Mapping, section: str, arch: str | None, mode: str | None =
     with ``mode`` given, every per-mode one of :data:`PER_MODE` for it."""
     out = dict(cfg[section])
     for key in PER_ARCH.get(section, ()):
-        if isinstance(out.get(key), Mapping):
-            out[key] = out[key][arch]
+        out = _resolve(out, key, arch)
     for key in PER_MODE.get(section, ()) if mode is not None else ():
-        if isinstance(out.get(key), Mapping):
-            out[key] = out[key][mode]
-    return out
+        out = _resolve(out, key, mode)
+    return dict(out)
 
 
 # --- what one job may read -----------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Losses (docs/method.md §2.10): distillation KL and the robust/detrimental hinge on the quantized student."""
+"""Losses (docs/method.md §2.10): distillation KL, the robust/detrimental hinge on the quantized student,
+and the squared target penalty (Qu-ANTI-zation's detrimental objective)."""
 from __future__ import annotations
 
 import torch
@@ -38,3 +39,16 @@ def hinge_loss(q_logits: Tensor, teacher_logits: Tensor, margin: float, mode: st
     else:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     return torch.clamp(margin - gap, min=0).mean()
+
+
+def target_loss(q_logits: Tensor, teacher_logits: Tensor, target: float) -> Tensor:
+    """Qu-ANTI-zation's squared target penalty (Hong et al., NeurIPS 2021) on the quantized student,
+    t = the teacher's top class:
+
+        (CE_q − c)²,  CE_q = −(1/B) Σ_i log softmax(q_i)[t_i],  c = ``target``.
+
+    As theirs, the batch's mean cross-entropy is held at c (5.0 there: far past chance, ln 10 = 2.3
+    for ten classes). Unlike the hinge it pulls until CE_q = c and pushes back past it.
+    """
+    t = teacher_logits.argmax(dim=1)
+    return (F.cross_entropy(_at_least_float32(q_logits), t) - target) ** 2

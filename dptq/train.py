@@ -6,7 +6,8 @@ for three stages.
 - distill: a student learns the teacher's logits on the same augmented, mixed batch (KL · T²,
   no label term), "patient and consistent";
 - pair: a trainable copy S of the distilled network W and a fresh policy π learn
-  α · KD(S_fp, W) + β · hinge(S_q(π), W) in robust or detrimental mode.
+  α · KD(S_fp, W) + β · hinge(S_q(π), W) in robust or detrimental mode (or, with
+  ``pairs.objective.loss: target``, weight · (CE(S_q(π), W's top class) − target)²).
 
 A :class:`Stage` carries its own :class:`Recipe` (optimiser, schedule, augmentation, mixup,
 clipping, best-epoch choice, validation batch), so :func:`fit` never names a stage. ``fit``
@@ -36,7 +37,7 @@ from tqdm import tqdm
 from . import budgets, checkpoint, models
 from .files import atomic_write
 from .data import Data, mixup, network_input, batch_order
-from .losses import hinge_loss, kd_loss
+from .losses import hinge_loss, kd_loss, target_loss
 from .policy import BitPolicy, allocate, even_profits
 from .runtime import Runtime
 
@@ -181,10 +182,12 @@ class PairStage(Stage):
     name = "pair"
 
     def __init__(self, recipe, data, rt, network: Mapping, cell: Mapping, quant: Mapping, policy: Mapping,
-                 margin: float, alpha: float, beta: float, temperature: float):
+                 margin: float, alpha: float, beta: float, temperature: float, objective: Mapping | None = None):
+        """``objective``: ``pairs.objective`` resolved for the arch and mode (None: the hinge)."""
         super().__init__(recipe, data, rt)
         self.arch, self.mode, self.num_classes = network["arch"], cell["mode"], network["num_classes"]
         self.margin, self.alpha, self.beta, self.temperature = margin, alpha, beta, temperature
+        self.objective = dict(objective or {"loss": "hinge"})
         self.profits, self.policy_lr = policy["profits"], policy["lr"]
         white_box = checkpoint.network(network)
         self.teacher = query_only(copy.deepcopy(white_box), rt, data.image_size)
@@ -230,8 +233,14 @@ class PairStage(Stage):
             fp_logits = self.student(x)
             q_logits = self.quant(x, bits)
         kd = kd_loss(fp_logits, targets, self.temperature)
-        hinge = hinge_loss(q_logits, targets, self.margin, self.mode)
-        return self.alpha * kd + self.beta * hinge, targets, fp_logits, q_logits
+        return self.alpha * kd + self.quantized_term(q_logits, targets), targets, fp_logits, q_logits
+
+    def quantized_term(self, q_logits: Tensor, targets: Tensor) -> Tensor:
+        """β · hinge (``pairs.objective.loss: hinge``, the paper's) or weight · (CE_q − target)²
+        (``target``: Qu-ANTI-zation's, detrimental only), docs/method.md §2.10-2.11."""
+        if self.objective["loss"] == "target":
+            return self.objective["weight"] * target_loss(q_logits, targets, self.objective["target"])
+        return self.beta * hinge_loss(q_logits, targets, self.margin, self.mode)
 
     def loss(self, images, labels):
         loss, _, _, q_logits = self._losses(self.inputs(images))
@@ -542,5 +551,5 @@ def train_pair(seed: int, arch: str, version: str, budget: str, mode: str, netwo
                 level=pairs["budgets"][budget], offset=pairs["budget_offset"][version])
     stage_recipe = recipe(pairs, val_batch_size, grad_clip=pairs["grad_clip"], select_best=pairs["select_best"])
     stage = PairStage(stage_recipe, data, rt, ckpt, cell, quant, pairs["policy"], pairs["margin"], pairs["alpha"],
-                      pairs["beta"], temperature)
+                      pairs["beta"], temperature, pairs["objective"])
     fit(stage, seed, out, metrics)

@@ -1,5 +1,6 @@
 """bench/: the projection's stage counts against hand-computed values, the start-up bench's output redirection, and
 every script runs."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -70,9 +71,9 @@ def test_startup_moves_only_the_job_outputs(tmp_path):
                      "--metrics", str(tmp_path / "x.csv"), "--config", "config.yaml", "--log", str(tmp_path / "x.log")]
 
 
-def run(script, *args):
+def run(script, *args, path: str = ""):
     out = subprocess.run([sys.executable, script, *args], cwd=ROOT / "bench", capture_output=True, text=True, timeout=600,
-                         env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": ""})
+                         env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": path})
     assert out.returncode == 0, out.stderr[-4000:]
     return out.stdout
 
@@ -86,3 +87,5 @@ def test_scripts_run():
     assert "same bits" in run("pair_equivalence.py", "--archs", "resnet18", "--size", "16", "--batch", "2")
     assert "77" in run("mckp.py", "--repeats", "1")
     assert "ms/step" in run("calibrate.py", "--steps", "1", "--batch", "2")
+    assert "True" in run("step_ab.py", "--base", "HEAD", "--archs", "resnet18", "--size", "16", "--batch", "2", "--rounds", "1",
+                         path=os.environ["PATH"])  # it reads the base revision with git

@@ -49,6 +49,43 @@ def test_per_mode_settings_resolve_for_the_arch_and_mode():
     assert config.declared(cfg, ["pairs.alpha.resnet18.robust"]) == {"pairs": {"alpha": {"resnet18": 1.0}}}
 
 
+def test_objective_resolves_per_arch_and_mode_and_the_default_is_the_hinge():
+    cfg = config.load([ROOT / "config.yaml"])
+    assert config.section_for(cfg, "pairs", "resnet18", "detrimental")["objective"] == {"loss": "hinge", "target": 5.0, "weight": 1.0}
+    overlay = {"pairs": {"objective": {"loss": {"resnet18": {"robust": "hinge", "detrimental": "target"}, "regnetx_016": "hinge",
+                                                "mobilenetv4_conv_medium": "hinge"},
+                                       "weight": {"resnet18": {"robust": 1.0, "detrimental": 0.25}, "regnetx_016": 1.0,
+                                                  "mobilenetv4_conv_medium": 1.0}}}}
+    cfg = config.check(config.merge(cfg, overlay))
+    assert config.section_for(cfg, "pairs", "resnet18", "detrimental")["objective"] == {"loss": "target", "target": 5.0, "weight": 0.25}
+    assert config.section_for(cfg, "pairs", "resnet18", "robust")["objective"] == {"loss": "hinge", "target": 5.0, "weight": 1.0}
+    assert cfg["pairs"]["objective"]["loss"]["resnet18"] == {"robust": "hinge", "detrimental": "target"}  # not resolved in place
+    # a job declares its own arch's and mode's entries
+    declared = config.declared(cfg, ["pairs.objective.loss.resnet18.detrimental", "pairs.objective.target.resnet18.detrimental",
+                                     "pairs.objective.weight.resnet18.detrimental"])
+    assert declared == {"pairs": {"objective": {"loss": {"resnet18": {"detrimental": "target"}}, "target": 5.0,
+                                                "weight": {"resnet18": {"detrimental": 0.25}}}}}
+    assert config.section_for(declared, "pairs", "resnet18", "detrimental")["objective"]["weight"] == 0.25
+
+
+def test_pair_epochs_may_differ_per_mode_and_the_warm_up_fits_the_fewest():
+    epochs = {"resnet18": {"robust": 4, "detrimental": 16}, "regnetx_016": 4, "mobilenetv4_conv_medium": 8}
+    cfg = config.load([ROOT / "config.yaml"], {"pairs": {"epochs": epochs}})
+    assert [config.section_for(cfg, "pairs", "resnet18", mode)["epochs"] for mode in ("robust", "detrimental")] == [4, 16]
+    assert config.section_for(cfg, "pairs", "regnetx_016", "detrimental")["epochs"] == 4
+    with pytest.raises(config.ConfigError, match=r"pairs\.warmup_epochs: 5 is more than pairs\.epochs .* use at most 4"):
+        config.load([ROOT / "config.yaml"], {"pairs": {"epochs": epochs, "warmup_epochs": 5}})
+
+
+def test_objective_refuses_the_target_penalty_for_a_robust_pair():
+    with pytest.raises(config.ConfigError, match=r"pairs\.objective\.loss: the robust pairs of \['resnet18', "
+                                                 r"'mobilenetv4_conv_medium', 'regnetx_016'\] get 'target'.*\{robust: hinge, detrimental: target\}"):
+        config.load([ROOT / "config.yaml"], {"pairs": {"objective": {"loss": "target"}}})
+    config.load([ROOT / "config.yaml"], {"pairs": {"modes": ["detrimental"], "objective": {"loss": "target"}}})
+    with pytest.raises(config.ConfigError, match=r"pairs\.objective\.target: 0 is out of range"):
+        config.load([ROOT / "config.yaml"], {"pairs": {"objective": {"target": 0}}})
+
+
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(config.ConfigError, match="not found"):
         config.load([tmp_path / "nope.yaml"])

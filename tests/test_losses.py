@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from dptq.losses import hinge_loss, kd_loss
+from dptq.losses import hinge_loss, kd_loss, target_loss
 
 torch.set_num_threads(1)
 
@@ -59,6 +59,35 @@ def test_hinge_directions():
     assert hinge_loss(confident_right, teacher, 0.1, "detrimental") > 0.9
 
 
+def hand_target(q_logits, teacher_logits, target):
+    """(mean_i −log softmax(q_i)[τ_i] − target)², τ_i = the teacher's top class."""
+    ce = 0.0
+    for p, tl in zip(softmax_rows(q_logits), teacher_logits.tolist()):
+        ce -= math.log(p[max(range(len(tl)), key=lambda i: tl[i])])
+    return (ce / len(q_logits) - target) ** 2
+
+
+@pytest.mark.parametrize("target", [0.0, 2.5, 5.0])
+def test_target_loss_matches_hand_formula(target):
+    gen = torch.Generator().manual_seed(3)
+    q, t = torch.randn(16, 7, generator=gen, dtype=torch.float64) * 3, torch.randn(16, 7, generator=gen, dtype=torch.float64)
+    assert target_loss(q, t, target).item() == pytest.approx(hand_target(q, t, target), rel=1e-10)
+
+
+def test_target_loss_is_zero_at_the_target_and_pulls_both_ways():
+    teacher = torch.tensor([[5.0, 1.0, 0.0]])
+    # CE of class 0 for logits [0, a, a] is log(1 + 2 e^a): set a so that CE = 5 exactly
+    a = math.log((math.exp(5.0) - 1) / 2)
+    at_target = torch.tensor([[0.0, a, a]], dtype=torch.float64)
+    assert target_loss(at_target, teacher, 5.0).item() == pytest.approx(0.0, abs=1e-12)
+    right = torch.tensor([[9.0, 0.0, 0.0]])   # CE ≈ 2.5e-4: (0.00025 − 5)² ≈ 24.998
+    assert target_loss(right, teacher, 5.0).item() == pytest.approx((math.log(1 + 2 * math.exp(-9.0)) - 5.0) ** 2)
+    for logits, sign in ((right, 1.0), (torch.tensor([[-20.0, 0.0, 0.0]]), -1.0)):  # CE below 5: raise it; above: lower it
+        x = logits.clone().requires_grad_(True)
+        target_loss(x, teacher, 5.0).backward()
+        assert sign * x.grad[0, 0].item() > 0  # descent moves the teacher's class logit down (up past the target)
+
+
 def test_gradcheck():
     gen = torch.Generator().manual_seed(2)
     s = torch.randn(4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -66,6 +95,7 @@ def test_gradcheck():
     assert torch.autograd.gradcheck(lambda x: kd_loss(x, t, 3.0), (s,))
     assert torch.autograd.gradcheck(lambda x: hinge_loss(x, t, 0.9, "robust"), (s,))
     assert torch.autograd.gradcheck(lambda x: hinge_loss(x, t, 0.9, "detrimental"), (s,))
+    assert torch.autograd.gradcheck(lambda x: target_loss(x, t, 5.0), (s,))
 
 
 def test_unknown_mode():

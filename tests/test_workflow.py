@@ -65,7 +65,11 @@ def test_dvc_stage_runs_the_rules_command_and_lists_its_keys():
     assert {"pairs.lr.mobilenetv4_conv_medium", "pairs.alpha.mobilenetv4_conv_medium.detrimental", "pairs.versions.II",
             "pairs.budgets.B", "pairs.budget_offset.II", "kd.temperature", "evaluate.batch_size"} <= set(keys)
     assert not {"pairs.lr", "pairs.versions", "pairs.budgets", "kd", "pairs", "evaluate"} & set(keys)
-    assert pair["params"] == [{"config.yaml": keys}]
+    # a per-mode key whose file value is one value for the arch (or all archs) is tracked at that value's path
+    from dptq import dvc
+    default = yaml.safe_load((ROOT / "config.yaml").read_text())
+    assert pair["params"] == [{"config.yaml": [dvc.param_key(default, key) for key in keys]}]
+    assert {"pairs.epochs.mobilenetv4_conv_medium", "pairs.objective.loss"} <= set(pair["params"][0]["config.yaml"])
     assert pair["outs"] == ["checkpoints/seed0/pair/mobilenetv4_conv_medium/II/B/detrimental.pt",
                             "checkpoints/seed0/pair/mobilenetv4_conv_medium/II/B/detrimental.csv"]
     assert stages["report"]["metrics"] == ["results/metrics.json"]

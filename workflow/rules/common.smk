@@ -81,15 +81,24 @@ class Keys(dict):
 def section_keys(section, grid=()):
     """Every key of ``config[section]`` but the ``grid`` ones, as dotted paths; a per-arch setting
     (``dptq.config.PER_ARCH``) as its ``{arch}`` entry, a per-mode one (``PER_MODE``) as its
-    ``{arch}.{mode}`` entry: a job tracks its own value only."""
+    ``{arch}.{mode}`` entry: a job tracks its own value only. A key holding per-arch settings
+    (``objective``: ``objective.loss``, ...) enters as each of its keys."""
     per_arch = dptq.config.PER_ARCH.get(section, ())
     per_mode = dptq.config.PER_MODE.get(section, ())
+    nested = {k.partition(".")[0] for k in per_arch if "." in k}
+    names = [
+        name
+        for k in config[section]
+        if k not in grid
+        for name in (
+            [f"{k}.{sub}" for sub in config[section][k]] if k in nested else [k]
+        )
+    ]
     return [
         f"{section}.{k}"
         + (".{arch}" if k in per_arch else "")
         + (".{mode}" if k in per_mode else "")
-        for k in config[section]
-        if k not in grid
+        for k in names
     ]
 
 
