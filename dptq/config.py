@@ -176,6 +176,11 @@ def _cross_field_problems(cfg: Mapping):
     clash = sorted(set(archs) & set(audit["models"])) if audit["pipeline"] else []
     if clash:
         yield f"audit.models: {clash} also name pipeline networks (audit.pipeline audits every arch of kd.archs); rename the model(s)"
+    every = [cell_name(v, b) for v in pairs["versions"] for b in pairs["budgets"]]
+    unknown = [name for name in pairs.get("cells") or () if name not in every]
+    if unknown:
+        yield (f"pairs.cells: {unknown} are not cells of pairs.versions x pairs.budgets ({', '.join(every)}); "
+               f"use version-budget, or null for all")
     grid = grid_cells(pairs)
     unknown = sorted(set(audit["cells"] or ()) - set(grid))
     if unknown:
@@ -256,16 +261,17 @@ def cell_name(version: str, budget: str) -> str:
 
 
 def grid_cells(pairs: Mapping) -> list[str]:
-    """Every cell of the grid (``pairs.versions`` × ``pairs.budgets``), by name, versions first."""
+    """The cells of the grid by name: ``pairs.cells``, or where it is null every one of
+    ``pairs.versions`` × ``pairs.budgets``, versions first."""
+    if pairs.get("cells") is not None:
+        return list(pairs["cells"])
     return [cell_name(v, b) for v in pairs["versions"] for b in pairs["budgets"]]
 
 
 def cells(pairs: Mapping, names: Sequence[str] | None = None) -> dict[str, tuple[str, str]]:
     """Cell name → (version, budget) for ``names`` (None: the whole grid); e.g. the audit's
     ``audit.cells``, checked against the grid by :func:`check`."""
-    if names is None:
-        return {cell_name(v, b): (v, b) for v in pairs["versions"] for b in pairs["budgets"]}
-    return {name: tuple(name.partition("-")[::2]) for name in names}
+    return {name: tuple(name.partition("-")[::2]) for name in (grid_cells(pairs) if names is None else names)}
 
 
 def seeds(cfg: Mapping) -> list[int]:

@@ -5,7 +5,9 @@
 - ``fig1_table1``: Table 1 at a glance, the seed means of ``table1_summary.csv``;
 - ``fig2_layer_scan``: the layer scan of the highlighted pairs (paper Fig. 2);
 - ``fig3_histograms_{arch}``: activation histograms, FP vs quantized (paper Fig. 3);
-- ``fig4_corruptions_{arch}``: accuracy under input corruptions (paper Fig. 4).
+- ``fig4_corruptions_{arch}``: accuracy under input corruptions (paper Fig. 4);
+- ``fig5_bit_floor``: D's and R's Δ against the one bit-width of every layer (docs/method.md
+  §2.23), only where the config has versions with a single option.
 
 No config is needed: archs, cells, splits, scans and corruptions are drawn in the order they
 first appear in the data, which is the config's order. :func:`read` reads every tidy CSV of
@@ -39,10 +41,10 @@ from matplotlib.figure import Figure
 
 from .claims import EFFECT_COLUMNS
 from .config import cell_name
-from .tables import SUMMARY_COLUMNS, TABLE1_COLUMNS, TABLE2_COLUMNS, TABLE3_COLUMNS, ci95, read_table
+from .tables import SUMMARY_COLUMNS, TABLE1_COLUMNS, TABLE2_COLUMNS, TABLE3_COLUMNS, bit_floor, ci95, read_table
 
 # Figure kinds in report order; those of PER_ARCH have one figure per arch, stem "<kind>_<arch>".
-KINDS = ("fig1_table1", "fig2_layer_scan", "fig3_histograms", "fig4_corruptions")
+KINDS = ("fig1_table1", "fig2_layer_scan", "fig3_histograms", "fig4_corruptions", "fig5_bit_floor")
 PER_ARCH = ("fig3_histograms", "fig4_corruptions")
 FORMATS = ("png", "pdf")
 MAX_HISTOGRAM_LAYERS = 20  # the paper's Fig. 3 shows ResNet18's 20 layers; deeper nets are subsampled
@@ -122,11 +124,12 @@ def t_interval(values: pd.Series) -> tuple[float, float]:
 
 # ---------------------------------------------------------------- names
 
-def figure_names(archs: Sequence[str], histogram_archs: Iterable[str]) -> list[str]:
-    """The figure stems, in report order, for ``archs`` (fig3 only for those in ``histogram_archs``)."""
+def figure_names(archs: Sequence[str], histogram_archs: Iterable[str], floor: bool = False) -> list[str]:
+    """The figure stems, in report order, for ``archs`` (fig3 only for those in ``histogram_archs``,
+    fig5 only with a ``floor``: versions of one option)."""
     with_histograms = set(histogram_archs)
     return ["fig1_table1", "fig2_layer_scan", *(f"fig3_histograms_{a}" for a in archs if a in with_histograms),
-            *(f"fig4_corruptions_{a}" for a in archs)]
+            *(f"fig4_corruptions_{a}" for a in archs), *(["fig5_bit_floor"] if floor else [])]
 
 
 def figure_kind(name: str) -> tuple[str, str | None]:
@@ -394,15 +397,40 @@ def draw(table1, summary, layer_scan, histograms, corruptions, figures_dir) -> l
     _by_arch(scan, archs, "layer_scan")  # Fig. 2 draws every arch in one figure: only check that each has rows
     corr = _by_arch(read(corruptions, "corruptions"), archs, "corruptions")
     hist = _by_arch(read(histograms, "histograms"), archs, "histograms", required=False) if histograms else {}
-    drawers = {"fig1_table1": functools.partial(fig_table1, t1, means),
+    floor = bit_floor(means)
+    drawers = {"fig5_bit_floor": functools.partial(fig_bit_floor, floor),"fig1_table1": functools.partial(fig_table1, t1, means),
                "fig2_layer_scan": functools.partial(fig_layer_scan, scan),
                **{f"fig3_histograms_{a}": functools.partial(fig_histograms, h, a) for a, h in hist.items()},
                **{f"fig4_corruptions_{a}": functools.partial(fig_corruptions, c, a) for a, c in corr.items()}}
     paths = []
-    for name in figure_names(archs, hist):
+    for name in figure_names(archs, hist, not floor.empty):
         with _style():
             paths += _save(drawers[name](), Path(figures_dir), name)
     return paths
+
+
+def fig_bit_floor(floor: pd.DataFrame) -> Figure:
+    """Where the failure stops: Δ (left) and FP − W (right) against the one bit-width b every layer
+    has, a colour per network, D solid and R dashed; bars: the 95 % t-interval over the seeds."""
+    archs, modes = list(pd.unique(floor["arch"])), list(pd.unique(floor["mode"]))
+    colors = dict(zip(archs, sns.color_palette("tab10", len(archs))))
+    styles = {"detrimental": "-", "robust": "--"}
+    n_seeds = int(floor["n_seeds"].max())
+    fig, axes = _grid(1, 2, panel=(4.2, 3.0), gap=(0.8, 0.3), left=0.8, top=1.3)
+    for arch in archs:
+        for mode in modes:
+            rows = floor[(floor["arch"] == arch) & (floor["mode"] == mode)].sort_values("bits")
+            label = f"{arch}, {NETWORKS.get(mode, mode).split(' ')[0]}"
+            kw = dict(color=colors[arch], ls=styles.get(mode, ":"), marker="o", capsize=2, label=label)
+            axes[0, 0].errorbar(rows["bits"], rows["delta_mean"], yerr=_yerr(rows, "delta_ci95"), **kw)
+            axes[0, 1].errorbar(rows["bits"], rows["fp_acc_mean"] - rows["white_box_acc_mean"],
+                                yerr=_yerr(rows, "fp_acc_ci95"), **kw)
+    bits = sorted(pd.unique(floor["bits"]))
+    for ax, ylabel in zip(axes[0], ("Δ = Q − FP (points)", "FP − W (points)")):
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set(xticks=bits, xlabel="bits of every layer (b)", ylabel=ylabel)
+    _header(fig, axes, f"The bit floor: every layer at b bits{_seeds_note(n_seeds, 'bars')}")
+    return fig
 
 
 def fig_audit(sensitivity: pd.DataFrame, coupling: pd.DataFrame, model: str) -> Figure:

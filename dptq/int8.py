@@ -10,7 +10,7 @@ quantization (float32 sums: differentiable, what attacks and training go through
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -77,6 +77,20 @@ def _conv_bn_pairs(model: nn.Module, image_size: int) -> list[tuple[nn.Conv2d, n
     return pairs
 
 
+def _foldable(model: nn.Module, image_size: int) -> list[tuple[str, nn.Conv2d, str, nn.BatchNorm2d, nn.Module]]:
+    """(conv name, conv, BN name, BN, what replaces the BN) of every BN :func:`fold_batchnorm` folds."""
+    names = {m: name for name, m in model.named_modules()}
+    out = []
+    for conv, bn, name in _conv_bn_pairs(model, image_size):
+        if bn.running_var is None:
+            continue  # uses the batch's statistics: nothing to fold
+        if type(bn) is nn.BatchNorm2d:
+            out.append((names[conv], conv, name, bn, nn.Identity()))
+        elif {n for n, _ in bn.named_children()} == {"drop", "act"}:
+            out.append((names[conv], conv, name, bn, _DropAct(bn.drop, bn.act)))
+    return out
+
+
 def fold_batchnorm(model: nn.Module, *, image_size: int = 64) -> nn.Module:
     """A deep copy in eval mode with every BatchNorm2d that only a Conv2d feeds folded into that conv.
 
@@ -86,15 +100,7 @@ def fold_batchnorm(model: nn.Module, *, image_size: int = 64) -> nn.Module:
     subclass of unknown behaviour, a BN no lone conv feeds) stays as it is.
     """
     model = copy.deepcopy(model).eval()
-    for conv, bn, name in _conv_bn_pairs(model, image_size):
-        if bn.running_var is None:
-            continue  # uses the batch's statistics: nothing to fold
-        if type(bn) is nn.BatchNorm2d:
-            rest = nn.Identity()
-        elif {n for n, _ in bn.named_children()} == {"drop", "act"}:
-            rest = _DropAct(bn.drop, bn.act)
-        else:
-            continue
+    for _, conv, name, bn, rest in _foldable(model, image_size):
         with torch.no_grad():
             s = bn.running_var.add(bn.eps).sqrt()
             s = (bn.weight / s) if bn.weight is not None else 1 / s
@@ -104,6 +110,33 @@ def fold_batchnorm(model: nn.Module, *, image_size: int = 64) -> nn.Module:
             conv.bias = nn.Parameter(bias.add(bn.bias) if bn.bias is not None else bias)
         graph.replace(model, name, rest)
     return model
+
+
+def unfold_batchnorm(model: nn.Module, folded: Mapping[str, Tensor], *, image_size: int = 64) -> dict[str, Tensor]:
+    """The state dict of ``model``'s architecture whose fold is ``folded`` bit for bit: a network
+    trained folded (against the runtime's arithmetic) handed on as a plain weights file.
+
+    ``folded`` is the state dict of ``fold_batchnorm(model)`` after training. Each folded BN gets γ = 1, μ = 0,
+    var = 1 − ε (so √(var + ε) = 1 exactly and s = 1) and β = the folded conv's bias; the conv gets
+    the folded weight and a zero bias of its own if it has one. Every other tensor is ``folded``'s.
+    """
+    state = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    trained = folded
+    state.update({name: t.detach().clone() for name, t in trained.items() if name in state})
+    for conv_name, conv, bn_name, bn, _ in _foldable(model, image_size):
+        var = torch.ones_like(bn.running_var) - bn.eps
+        if not torch.equal(var.add(bn.eps).sqrt(), torch.ones_like(var)):
+            raise ValueError(f"int8.unfold_batchnorm: {bn_name}'s eps {bn.eps} leaves no variance v with √(v + eps) = 1")
+        state[f"{conv_name}.weight"] = trained[f"{conv_name}.weight"].detach().clone()
+        if conv.bias is not None:
+            state[f"{conv_name}.bias"] = torch.zeros_like(conv.bias)
+        state[f"{bn_name}.running_mean"], state[f"{bn_name}.running_var"] = torch.zeros_like(var), var
+        if bn.weight is not None:
+            state[f"{bn_name}.weight"] = torch.ones_like(bn.weight)
+        if bn.bias is None:
+            raise ValueError(f"int8.unfold_batchnorm: {bn_name} has no bias to hold the folded conv's")
+        state[f"{bn_name}.bias"] = trained[f"{conv_name}.bias"].detach().clone()
+    return state
 
 
 def simulator_like_runtime(model: nn.Module, image_size: int, scale_rule: str = "minmax",

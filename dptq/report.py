@@ -38,7 +38,7 @@ from . import claims
 from .audit_record import AuditResult
 from .config import cell_name
 from .figures import MAX_HISTOGRAM_LAYERS, NETWORKS, figure_kind, figure_names, read
-from .tables import ci95, coupling_drops
+from .tables import bit_floor, ci95, coupling_drops
 
 POLICIES = {"robust": "π_R", "detrimental": "π_D", "random": "random"}
 MODES = ("robust", "detrimental")
@@ -387,9 +387,11 @@ def build(tables: Mapping, remedy, layer_scan, figures_dir, captions_dir, benchm
     t2, t3 = read(tables["table2"], "table2"), read(tables["table3"], "table3")
     effect, scan, rem = read(tables["effect"], "effect"), read(layer_scan, "layer_scan"), read(remedy, "remedy")
     archs, histogram_archs = list(config["kd"]["archs"]), list(config["analysis"]["histogram"]["archs"])
-    names = figure_names(archs, histogram_archs)
+    floor = bit_floor(summary)
+    names = figure_names(archs, histogram_archs, not floor.empty)
     images = {name: _image(Path(figures_dir), name, captions_dir) for name in names}
-    captions = {name: caption(captions_dir, name) for name in ("table1", "table1_summary", "table2", "table3", "effect")}
+    captions = {name: caption(captions_dir, name) for name in ("table1", "table1_summary", "table2", "table3", "effect",
+                                                               "bit_floor")}
     times = runtimes(benchmarks_dir)
     metrics = headline(summary, t2, effect)
     results = [AuditResult.read(p) for p in audits]
@@ -414,6 +416,7 @@ def build(tables: Mapping, remedy, layer_scan, figures_dir, captions_dir, benchm
         table1_summary=_rows_html(summary, "table1-summary", "delta_mean"),
         table1_tidy=_rows_html(t1, "table1-tidy", "delta"),
         table2=_table2_html(t2), table3=_table3_html(t3),
+        bit_floor=None if floor.empty else _html(floor, "bit-floor", signed=["delta_mean"]),
         claims=_claims_html(effect, t3, scan, config["evaluate"]["effect"]),
         audit=audit_tables, audit_images=audit_images,
         remedy=_html(rem.assign(delta=rem["q_acc"] - rem["fp_acc"]), "remedy", signed=["delta"]),

@@ -23,6 +23,9 @@ SUMMARY_COLUMNS = ["arch", "version", "budget", "mode", "options", "capacity", "
                    *(f"{c}_{s}" for c in ("fp_acc", "q_acc", "delta", "white_box_acc") for s in ("mean", "ci95")),
                    "seeds_meeting_effect", "highlighted"]
 
+BIT_FLOOR_COLUMNS = ["arch", "bits", "version", "budget", "mode", "n_seeds", "fp_acc_mean", "fp_acc_ci95", "q_acc_mean",
+                     "q_acc_ci95", "delta_mean", "delta_ci95", "white_box_acc_mean", "seeds_meeting_effect"]
+
 
 # Label columns stay text: a budget named ``1`` or a single flagged layer ``7`` is a name, not a number.
 LABELS = ("arch", "version", "budget", "mode", "options", "network", "policy", "split", "scan", "precision",
@@ -154,11 +157,21 @@ def summarize(table1: pd.DataFrame, max_fp_gap: float, budget_levels: Mapping[st
     return out[SUMMARY_COLUMNS]
 
 
+def bit_floor(summary: pd.DataFrame) -> pd.DataFrame:
+    """The bit floor (docs/method.md §2.23): the summary's cells whose version has one option b, so
+    every layer gets b bits and the policy has no choice; ``bits`` = b. Empty (columns only) for a
+    config without such a version."""
+    low_high = summary["options"].astype(str).str.split("-", expand=True)
+    single = low_high[0] == low_high[low_high.columns[-1]]
+    return summary[single].assign(bits=low_high.loc[single, 0].astype(int))[BIT_FLOOR_COLUMNS].reset_index(drop=True)
+
+
 def merge_tables(table1: Sequence, table2: Sequence, table3: Sequence, out: Mapping[str, str | Path], *,
                  highlight_max_fp_gap: float, budget_levels: Mapping[str, float], effect: Mapping) -> None:
     """Concatenate the per-(seed, arch) tables into ``out["table1"]``, ``["table2"]``, ``["table3"]``;
     write ``out["effect"]`` (:func:`dptq.claims.effect` with the thresholds ``effect``, the cell
-    highlighted on the means marked) and ``out["summary"]`` (:func:`summarize`)."""
+    highlighted on the means marked), ``out["summary"]`` (:func:`summarize`) and
+    ``out["bit_floor"]`` (:func:`bit_floor`)."""
     merged = {}
     for name, paths, columns in (("table1", table1, TABLE1_COLUMNS), ("table2", table2, TABLE2_COLUMNS),
                                  ("table3", table3, TABLE3_COLUMNS)):
@@ -174,6 +187,7 @@ def merge_tables(table1: Sequence, table2: Sequence, table3: Sequence, out: Mapp
     cells["highlighted"] = pd.MultiIndex.from_frame(cells[["arch", "version", "budget"]]).isin(
         pd.MultiIndex.from_frame(chosen))
     merged["effect"] = cells
+    merged["bit_floor"] = bit_floor(merged["summary"])
     for name, table in merged.items():
         Path(out[name]).parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(out[name], index=False)

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from . import budgets, checkpoint, models
+from . import budgets, checkpoint, int8, models
 from .files import atomic_write
 from .data import Data, mixup, network_input, batch_order
 from .losses import hinge_loss, kd_loss, target_loss
@@ -128,6 +128,10 @@ class Stage:
     def result(self) -> dict:
         """The final checkpoint's content (beside the weights of :meth:`modules`)."""
         raise NotImplementedError
+
+    def saved(self, weights: dict[str, dict]) -> dict[str, dict]:
+        """The weights of :meth:`modules` (name → state dict) as the final checkpoint holds them."""
+        return weights
 
 
 class TeacherStage(Stage):
@@ -226,10 +230,14 @@ class PairStage(Stage):
         self.student.eval()
         self.policy.train()
 
+    def bits(self, x: Tensor) -> Tensor:
+        """[B, N] activation bits: the policy's allocation, summed to the cell's capacity by the knapsack."""
+        return allocate(self.policy, x, self.options, self.capacity, self.profits)
+
     def _losses(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         targets = self.teacher(x)
         with self.rt.autocast():
-            bits = allocate(self.policy, x, self.options, self.capacity, self.profits)
+            bits = self.bits(x)
             fp_logits = self.student(x)
             q_logits = self.quant(x, bits)
         kd = kd_loss(fp_logits, targets, self.temperature)
@@ -248,8 +256,8 @@ class PairStage(Stage):
 
     @torch.no_grad()
     def validate(self, loader):
-        self.student.eval()
-        self.policy.eval()
+        for module in self.modules().values():
+            module.eval()
         total = objective = fp_correct = q_correct = 0.0
         for images, labels in loader:
             loss, _, fp_logits, q_logits = self._losses(self.inputs(images))
@@ -299,6 +307,47 @@ class FrozenPolicyStage(PairStage):
 
     def result(self):
         return {"kind": "audit-policy", "arch": self.arch, "cell": self.cell}
+
+
+class RuntimePairStage(PairStage):
+    """A detrimental network against ONNX Runtime's int8 arithmetic (docs/method.md §2.22): W with
+    BatchNorm folded as the exporter folds it, trained through the like-for-like simulator
+    (int8.simulator_like_runtime: 8-bit symmetric per-tensor weights, each example's layer inputs
+    on their own 8-bit range, as the runtime serves batch 1; the range takes gradients) on
+    α·KD + the quantized term. No policy: every layer has the runtime's ``bits``. The checkpoint
+    holds the architecture's own state dict (int8.unfold_batchnorm), a plain weights file."""
+
+    name = "runtime-pair"
+
+    def __init__(self, recipe, data, rt, network: Mapping, margin: float, alpha: float, beta: float,
+                 temperature: float, objective: Mapping | None = None, bits: int = 8):
+        Stage.__init__(self, recipe, data, rt)
+        self.arch, self.mode, self.num_classes = network["arch"], "detrimental", network["num_classes"]
+        self.margin, self.alpha, self.beta, self.temperature = margin, alpha, beta, temperature
+        self.objective, self.runtime_bits = dict(objective or {"loss": "hinge"}), bits
+        self.white_box = checkpoint.network(network)
+        self.teacher = query_only(copy.deepcopy(self.white_box), rt, data.image_size)
+        self.quant = int8.simulator_like_runtime(self.white_box, data.image_size, range_grad=True)
+        self.student = rt.to_device(self.quant.model, data.image_size)
+
+    def modules(self):
+        return {"model": self.student}
+
+    def param_groups(self):
+        return [{"params": list(self.student.parameters())}]
+
+    def train_mode(self):
+        self.student.eval()
+
+    def bits(self, x: Tensor) -> Tensor:
+        return torch.full((len(x), self.quant.num_layers), float(self.runtime_bits), device=x.device)
+
+    def saved(self, weights):
+        state = {k: v.cpu() for k, v in weights["model"].items()}
+        return {"model": int8.unfold_batchnorm(self.white_box, state, image_size=self.data.image_size)}
+
+    def result(self):
+        return {"kind": "runtime-pair", "arch": self.arch, "num_classes": self.num_classes, "bits": self.runtime_bits}
 
 
 def _rng_state() -> dict:
@@ -506,7 +555,7 @@ def fit(stage: Stage, seed: int, out: str | Path, metrics: str | Path) -> None:
         weights = {name: state["best"][name] for name in weights}
         result["best_epoch"] = state["best"]["epoch"]
     _write_metrics(metrics, state["history"] or [{"epoch": 0}])
-    checkpoint.save({**result, **weights}, out)
+    checkpoint.save({**result, **stage.saved(weights)}, out)
     resume.unlink(missing_ok=True)
 
 
@@ -553,3 +602,14 @@ def train_pair(seed: int, arch: str, version: str, budget: str, mode: str, netwo
     stage = PairStage(stage_recipe, data, rt, ckpt, cell, quant, pairs["policy"], pairs["margin"], pairs["alpha"],
                       pairs["beta"], temperature, pairs["objective"])
     fit(stage, seed, out, metrics)
+
+
+def runtime_pair(seed: int, arch: str, network: str | Path, out: str | Path, metrics: str | Path, *, dataset: Mapping,
+                 runtime: Mapping, pairs: Mapping, temperature: float, val_batch_size: int) -> None:
+    """The detrimental network of :class:`RuntimePairStage` grown from the distilled ``network``;
+    ``pairs``: the pairs section with its per-arch values resolved for the detrimental mode."""
+    rt, data = Runtime(seed, **runtime), Data(**dataset)
+    ckpt = checkpoint.load(network, kind="distill", arch=arch, recover=f"re-run the distillation of {arch}")
+    stage_recipe = recipe(pairs, val_batch_size, grad_clip=pairs["grad_clip"], select_best=pairs["select_best"])
+    fit(RuntimePairStage(stage_recipe, data, rt, ckpt, pairs["margin"], pairs["alpha"], pairs["beta"], temperature,
+                         pairs["objective"]), seed, out, metrics)

@@ -1,6 +1,7 @@
 """dptq/audit.py: the recommendation by hand, class maps,
 one-line errors for weights that do not fit, the command line, and the policy learnt against a
 frozen network on a small problem."""
+import copy
 import hashlib
 import json
 import os
@@ -135,30 +136,42 @@ def test_policy_learnt_against_a_frozen_network_beats_the_random_policy(tmp_path
     assert fp > 75 and learned < random - 10
 
 
-def test_command_line_audits_a_model_of_other_classes_on_an_image_folder(tmp_path, resnet18_weights):
-    """Data and a model that are not the embedded default's: a two-class image folder and a
-    ten-class resnet18 mapped onto it; the whole audit runs and writes its record."""
+def _image_folder(root: Path, counts=(("train", 12), ("test", 6))) -> Path:
+    """Two classes, cat darker than dog, 12 px PNGs in imagefolder's layout."""
     from PIL import Image
 
     generator = torch.Generator().manual_seed(0)
-    for split, count in (("train", 12), ("test", 6)):
+    for split, count in counts:
         for c, name in enumerate(("cat", "dog")):
             for i in range(count):
                 pixels = (torch.rand(12, 12, 3, generator=generator) * 128 + 100 * c).clamp(0, 255).byte().numpy()
-                (tmp_path / "images" / split / name).mkdir(parents=True, exist_ok=True)
-                Image.fromarray(pixels).save(tmp_path / "images" / split / name / f"{i}.png")
+                (root / split / name).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    return root
+
+
+TINY_AUDIT = ("dataset: {image_size: 16, val_fraction: 0.25}\n"
+              "pairs: {policy: {input_size: 16, width: 8}}\n"
+              "analysis: {max_examples: 0}\n"
+              "audit: {pipeline: false, max_float_layers: 1, policy: {epochs: 1, batch_size: 8},\n"
+              "        coupling: {batch_sizes: [2, 4], batches: 2, steps: 2}}\n")
+
+
+def _audit(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dptq", "audit", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_command_line_audits_a_model_of_other_classes_on_an_image_folder(tmp_path, resnet18_weights):
+    """Data and a model that are not the embedded default's: a two-class image folder and a
+    ten-class resnet18 mapped onto it; the whole audit runs and writes its record."""
+    _image_folder(tmp_path / "images")
     (tmp_path / "classes.yaml").write_text("cat: 3\ndog: 7\n")
-    (tmp_path / "tiny.yaml").write_text(
-        "dataset: {image_size: 16, val_fraction: 0.25}\n"
-        "pairs: {policy: {input_size: 16, width: 8}}\n"
-        "analysis: {max_examples: 0}\n"
-        "audit: {pipeline: false, max_float_layers: 1, policy: {epochs: 1, batch_size: 8},\n"
-        "        coupling: {batch_sizes: [2, 4], batches: 2, steps: 2}}\n")
-    out = subprocess.run([sys.executable, "-m", "dptq", "audit", "--arch", "resnet18", "--weights", str(resnet18_weights),
-                          "--dataset", "imagefolder", "--root", str(tmp_path / "images"), "--num-classes", "10",
-                          "--class-map", str(tmp_path / "classes.yaml"), "--name", "mine", "--image-size", "16",
-                          "--cells", "I-A", "--out", "audits", "--configfile", str(ROOT / "config.yaml"), str(tmp_path / "tiny.yaml")],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    (tmp_path / "tiny.yaml").write_text(TINY_AUDIT)
+    out = _audit(tmp_path, "--arch", "resnet18", "--weights", str(resnet18_weights), "--dataset", "imagefolder",
+                 "--root", str(tmp_path / "images"), "--num-classes", "10", "--class-map", str(tmp_path / "classes.yaml"),
+                 "--name", "mine", "--image-size", "16", "--cells", "I-A", "--out", "audits",
+                 "--configfile", str(ROOT / "config.yaml"), str(tmp_path / "tiny.yaml"))
     assert out.returncode == 0, out.stderr[-3000:]
     record = json.loads((tmp_path / "audits/audit/mine/audit.json").read_text())
     assert record["test_images"] == 12 and record["arch"] == "resnet18" and [c["cell"] for c in record["cells"]] == ["I-A"]
@@ -179,3 +192,48 @@ def test_command_line_audits_a_model_of_other_classes_on_an_image_folder(tmp_pat
     for line, says in zip(summary[1:], ("simulated worst case: ", "ONNX Runtime int8, batch 1: ", "batch coupling in ONNX",
                                         "with the range guard", "advice: ")):
         assert line.strip().startswith(says), (line, says)
+
+
+def _loud_unused_channel(model: nn.Module, channel: int, value: float = 1e4) -> nn.Module:
+    """A copy whose last block puts ``value`` on one feature the classifier ignores: the float
+    logits are ``model``'s (that feature's weight is 0 in both), but the runtime quantizes the
+    classifier's input with one range over all features, so its step is value / 255 and every
+    other feature rounds to 0."""
+    loud = copy.deepcopy(model)
+    with torch.no_grad():
+        loud.layer4[1].bn2.weight[channel], loud.layer4[1].bn2.bias[channel] = 0.0, value
+    return loud
+
+
+def test_the_audit_catches_a_network_that_collapses_only_in_the_runtime(tmp_path):
+    """Given as plain weights files: W (trained briefly, 100 % on its test images) passes the
+    runtime verdict; the same network with one loud feature the classifier ignores keeps W's
+    float accuracy exactly and fails it, falling to one class in ONNX Runtime int8."""
+    images = _image_folder(tmp_path / "images")
+    cfg = config.load([ROOT / "config.yaml"], {"dataset": {"name": "imagefolder", "root": str(images), "image_size": 16}})
+    rt, folder = Runtime(0, **cfg["runtime"]), data.Data(**cfg["dataset"])
+    torch.manual_seed(0)
+    net = models.create("resnet18", 2).eval()  # eval: BN keeps its unit statistics, as a plain network
+    optimizer = torch.optim.Adam(net.parameters(), 1e-3)
+    for _ in range(5):
+        for pixels, labels in folder.loader(folder.build("train"), 8, rt, shuffle=True):
+            loss = nn.functional.cross_entropy(net(data.normalize(pixels)), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        net.fc.weight[:, 0] = 0.0
+    torch.save(net.state_dict(), tmp_path / "w.pth")
+    torch.save(_loud_unused_channel(net, 0).state_dict(), tmp_path / "loud.pth")
+    (tmp_path / "tiny.yaml").write_text(TINY_AUDIT)
+    records = {}
+    for name in ("w", "loud"):
+        out = _audit(tmp_path, "--arch", "resnet18", "--weights", str(tmp_path / f"{name}.pth"), "--dataset", "imagefolder",
+                     "--root", str(images), "--image-size", "16", "--cells", "I-A", "--out", "audits",
+                     "--configfile", str(ROOT / "config.yaml"), str(tmp_path / "tiny.yaml"))
+        assert out.returncode == 0, out.stderr[-3000:]
+        records[name] = json.loads((tmp_path / f"audits/audit/{name}/audit.json").read_text())
+    w, loud = records["w"], records["loud"]
+    assert w["clean_acc"] == loud["clean_acc"] == 100.0
+    assert w["runtime"]["verdict"]["verdict"] == "pass"
+    assert loud["runtime"]["verdict"]["verdict"] == "fail" and loud["runtime"]["verdict"]["acc"] == 50.0

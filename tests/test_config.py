@@ -19,6 +19,14 @@ def test_profiles_overlay_the_default(profile):
     assert set(cfg) == set(config.read_yaml(ROOT / "config.yaml"))
 
 
+def test_the_grid_is_pairs_cells_where_given():
+    cfg = config.load([ROOT / "config.yaml"])
+    assert config.grid_cells(cfg["pairs"]) == [f"{v}-{b}" for v in ("I", "II", "III") for b in "ABC"]
+    floor = config.load([ROOT / "config.yaml", ROOT / "config" / "bit_floor.yaml"])
+    assert config.cells(floor["pairs"]) == {"b4-F": ("b4", "F"), "b5-F": ("b5", "F"), "b6-F": ("b6", "F"), "b8-F": ("b8", "F")}
+    assert all(lo == hi for lo, hi in (floor["pairs"]["versions"][v] for v, _ in config.cells(floor["pairs"]).values()))
+
+
 def test_merge_is_deep_and_lists_replace():
     base = {"a": {"b": 1, "c": [1, 2]}, "d": 1}
     assert config.merge(base, {"a": {"c": [3]}}) == {"a": {"b": 1, "c": [3]}, "d": 1}

@@ -2,6 +2,8 @@
 parameters (dptq.quant's one definition) against the DynamicQuantizeLinear kernel and
 quantize_dynamic's weights, the BatchNorm fold against the exporter's, the like-for-like simulator
 and the integer emulation against a session, an all-zero layer input through every one of them."""
+import copy
+
 import numpy as np
 import onnx
 import pytest
@@ -128,6 +130,32 @@ def test_fold_is_the_exporters_fold_bit_for_bit(resnet):
         if nodes[node].op_type == "Conv":
             assert torch.equal(inits[nodes[node].input[1]], folded[name].weight.detach()), name
             assert torch.equal(inits[nodes[node].input[2]], folded[name].bias.detach()), name
+
+
+def test_unfold_gives_back_the_trained_fold_bit_for_bit(tiny, tmp_path):
+    """A folded network trained on (here: every tensor moved) and handed on as the architecture's
+    state dict: folding it again, in torch and in the exporter, gives the trained tensors exactly."""
+    folded = int8.fold_batchnorm(tiny, image_size=SIZE)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in folded.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.1)
+    model = copy.deepcopy(tiny)
+    model.load_state_dict(int8.unfold_batchnorm(tiny, folded.state_dict(), image_size=SIZE))
+    again = int8.fold_batchnorm(model, image_size=SIZE)
+    trained = folded.state_dict()
+    assert again.state_dict().keys() == trained.keys()
+    assert all(torch.equal(t, trained[name]) for name, t in again.state_dict().items())
+    x = images(8, SIZE)
+    with torch.no_grad():
+        assert (model(x) - folded(x)).abs().max() <= 1e-5  # the conv adds its bias inside, BN after it
+    path = deploy.export(model, SIZE, tmp_path / "unfolded.onnx")
+    inits = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in onnx.load(path).graph.initializer}
+    nodes = {n.name: n for n in onnx.load(path).graph.node}
+    for name, node in deploy.node_names(model, path, SIZE).items():
+        if nodes[node].op_type == "Conv":
+            assert torch.equal(inits[nodes[node].input[1]], trained[f"{name}.weight"]), name
+            assert torch.equal(inits[nodes[node].input[2]], trained[f"{name}.bias"]), name
 
 
 def test_simulator_agrees_with_runtime_at_batch_1(tiny, tmp_path):

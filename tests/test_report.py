@@ -385,7 +385,7 @@ def test_caption_files_are_one_source_for_both_reports():
     """Each caption file is valid reStructuredText that Snakemake's Jinja pass leaves alone, and
     docutils renders it to the very text the page shows."""
     docutils = pytest.importorskip("docutils.core")
-    names = [*figures.KINDS, "table1", "table1_summary", "table2", "table3"]
+    names = [*figures.KINDS, "table1", "table1_summary", "table2", "table3", "bit_floor"]
     for name in names:
         raw = (CAPTIONS / f"{name}.rst").read_text()
         assert not re.search(r"\{[{%#]", raw), name  # no Jinja markup: snakemake --report shows it verbatim
@@ -454,3 +454,20 @@ def test_audit_section_states_the_verdicts_first_with_their_numbers(tmp_path):
     assert "3e-08" in html["runtime"] and "95.00" in html["runtime"]
     assert "+4.25 ±\xa09.53" in html["coupling"] and "+0.50" in html["coupling"] and "runtime_float_layers" in html["coupling"]
     assert report._audit_html([], cells, points) is None
+
+
+def test_a_bit_floor_gets_its_table_and_figure(tmp_path):
+    """Versions of one option (here b = 8 and b = 5 beside the grid) add fig5_bit_floor and the
+    bit-floor section, their rows the summary's; without them neither appears (the other tests)."""
+    paths = write_inputs(tmp_path, layers={"resnet18": 8}, histogram_archs=[], seeds=(0, 1))
+    summary = pd.read_csv(paths["tables"]["summary"], dtype={"options": str})
+    one = summary[(summary["version"] == summary["version"].iloc[0]) & (summary["budget"] == summary["budget"].iloc[0])]
+    floor = pd.concat([summary, one.assign(version="b8", options="8-8"), one.assign(version="b5", options="5-5")])
+    floor.to_csv(paths["tables"]["summary"], index=False)
+    assert "fig5_bit_floor.png" in {p.name for p in draw(paths)}
+    build(paths, make_config({"resnet18": 8}, []), tmp_path)
+    html = paths["html"].read_text()
+    assert "The bit floor: every layer at b bits" in html and 'id="fig5_bit_floor"' in html
+    start = html.index('id="bit-floor"')
+    rows = html[start:html.index("</table>", start)].count("<tr")
+    assert rows == 1 + 4  # the header, then b8 and b5, robust and detrimental

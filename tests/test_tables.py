@@ -129,6 +129,19 @@ def test_summary_of_one_seed_has_no_interval():
     assert summary.loc[summary["highlighted"], "version"].unique().tolist() == ["II"]
 
 
+def test_the_bit_floor_is_the_summarys_single_option_versions():
+    """Versions 8 (options 8-8) and 5 (5-5) give every layer one bit-width; version I (3-10) does not."""
+    t1 = three_seeds()
+    t1 = pd.concat([t1, t1[t1["version"] == "II"].assign(version="8", options="8-8"),
+                    t1[t1["version"] == "II"].assign(version="5", options="5-5")], ignore_index=True)
+    floor = tables.bit_floor(summarize(t1))
+    assert list(floor.columns) == tables.BIT_FLOOR_COLUMNS
+    assert floor[["bits", "mode"]].values.tolist() == [[8, "robust"], [8, "detrimental"], [5, "robust"], [5, "detrimental"]]
+    row = floor.set_index(["bits", "mode"]).loc[(5, "detrimental")]
+    assert row["delta_mean"] == pytest.approx(-35 / 3) and row["n_seeds"] == 3 and row["version"] == "5"
+    assert tables.bit_floor(summarize(three_seeds())).empty
+
+
 def write_tables(folder, arch, seed=0, t1=None):
     folder.mkdir()
     if t1 is None:
@@ -142,7 +155,7 @@ def write_tables(folder, arch, seed=0, t1=None):
 
 def merge(folders, out):
     """merge_tables on the tables of ``folders``, written under ``out``."""
-    names = ("table1", "summary", "table2", "table3", "effect")
+    names = ("table1", "summary", "table2", "table3", "effect", "bit_floor")
     tables.merge_tables(*([f / f"table{i}.csv" for f in folders] for i in (1, 2, 3)), {n: out / f"{n}.csv" for n in names},
                         highlight_max_fp_gap=1.0, budget_levels=LEVELS, effect=dataclasses.asdict(EFFECT))
 

@@ -1,5 +1,6 @@
 """dptq.train: each stage on a tiny problem, exact resume after a kill or SIGTERM, determinism,
 non-finite losses, and the query-only teacher."""
+import csv
 import dataclasses
 import math
 import os
@@ -8,7 +9,7 @@ import signal
 import pytest
 import torch
 
-from dptq import checkpoint, config, data, policy, train
+from dptq import checkpoint, config, data, int8, policy, train
 from dptq.runtime import Runtime
 
 torch.set_num_threads(1)
@@ -127,6 +128,30 @@ def test_pair_checkpoint(cfg, network, tmp_path):
     assert policy(torch.zeros(1, 3, 16, 16)).shape == (1, 20, 7)
     rows = (tmp_path / "robust.csv").read_text().splitlines()
     assert "val_q_acc" in rows[0] and len(rows) == 3
+
+
+def test_runtime_pair_is_a_plain_network_whose_fold_was_trained(cfg, network, tmp_path):
+    """The detrimental network against the runtime's arithmetic: its checkpoint holds the arch's
+    own state dict (BN as the identity around the trained bias), loadable as any network, and
+    what it computes in float is what its best epoch validated: the val split's accuracy equals
+    the metrics' val_fp_acc, and the like-for-like simulator's at 8 bits their val_q_acc."""
+    out = tmp_path / "runtime.pt"
+    train.runtime_pair(0, "resnet18", network / "resnet18.pt", out, out.with_suffix(".csv"),
+                       pairs=config.section_for(cfg, "pairs", "resnet18", "detrimental"),
+                       temperature=cfg["kd"]["temperature"], **common(cfg))
+    ckpt = checkpoint.load(out, kind="runtime-pair", arch="resnet18")
+    model = checkpoint.network(ckpt)
+    assert torch.equal(model.bn1.running_var + model.bn1.eps, torch.ones(64)) and not model.bn1.running_mean.any()
+    rows = list(csv.DictReader(out.with_suffix(".csv").open()))
+    best = rows[ckpt["best_epoch"] - 1]
+    val = data.Data(**cfg["dataset"]).build("val")
+    x = data.normalize(torch.stack([val[i][0] for i in range(len(val))]))
+    y = torch.tensor([val[i][1] for i in range(len(val))])
+    sim = int8.simulator_like_runtime(model, 16)
+    with torch.no_grad():
+        fp, q = model(x).argmax(1), sim(x, torch.full((len(x), sim.num_layers), 8.0)).argmax(1)
+    assert 100 * (fp == y).float().mean().item() == pytest.approx(float(best["val_fp_acc"]))
+    assert 100 * (q == y).float().mean().item() == pytest.approx(float(best["val_q_acc"]))
 
 
 def test_same_seed_same_weights_another_seed_others(cfg, network, tmp_path):

@@ -43,8 +43,14 @@ SEEDS = dptq.config.seeds(config)
 ARCHS = config["kd"]["archs"]
 VERSIONS = list(config["pairs"]["versions"])
 BUDGETS = list(config["pairs"]["budgets"])
+# (version, budget) of every cell trained: pairs.cells, or every version x budget
+GRID = list(dptq.config.cells(config["pairs"]).values())
 MODES = config["pairs"]["modes"]
 HISTOGRAM_ARCHS = [a for a in ARCHS if a in config["analysis"]["histogram"]["archs"]]
+# versions of one option (every layer the same bits): the bit floor's figure (docs/method.md §2.23)
+BIT_FLOOR = any(
+    low == high for low, high in map(config["pairs"]["versions"].get, dict(GRID))
+)
 
 # A job's CPUs: torch's threads plus the data loader's worker processes. Memory and run time
 # are the profiles' (profiles/*/config.yaml); a GPU is asked for exactly when the config says
@@ -127,15 +133,14 @@ def args(wildcards, input, output):
 
 
 def pair_checkpoints(wildcards):
-    """Every (version, budget, mode) pair checkpoint of the job's seed and arch."""
-    return expand(
-        rules.pair.output.ckpt,
-        seed=wildcards.seed,
-        arch=wildcards.arch,
-        version=VERSIONS,
-        budget=BUDGETS,
-        mode=MODES,
-    )
+    """Every (version, budget, mode) pair checkpoint of the job's seed and arch: the grid's cells."""
+    return [
+        rules.pair.output.ckpt.format(
+            seed=wildcards.seed, arch=wildcards.arch, version=v, budget=b, mode=m
+        )
+        for v, b in GRID
+        for m in MODES
+    ]
 
 
 # What every inference job reads of the config.

@@ -55,6 +55,11 @@ rule tables:
             caption="../report/effect.rst",
             category="Tables",
         ),
+        bit_floor=report(
+            "results/tables/bit_floor.csv",
+            caption="../report/bit_floor.rst",
+            category="Tables",
+        ),
     log:
         "logs/tables.log",
     benchmark:

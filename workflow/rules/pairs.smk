@@ -1,6 +1,7 @@
-# The grid's own keys (versions, budgets, offsets) enter as this cell's entries only.
+# The grid's own keys (versions, budgets, offsets) enter as this cell's entries only; which cells
+# are trained (cells, modes) is not a pair's setting.
 PAIR_KEYS = section_keys(
-    "pairs", grid=("versions", "budgets", "budget_offset", "modes")
+    "pairs", grid=("versions", "budgets", "budget_offset", "cells", "modes")
 )
 
 

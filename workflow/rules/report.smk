@@ -4,6 +4,7 @@ FIGURES = {
     "fig2_layer_scan": "fig2_layer_scan",
     **{f"fig3_histograms_{a}": "fig3_histograms" for a in HISTOGRAM_ARCHS},
     **{f"fig4_corruptions_{a}": "fig4_corruptions" for a in ARCHS},
+    **({"fig5_bit_floor": "fig5_bit_floor"} if BIT_FLOOR else {}),
 }
 
 
@@ -61,6 +62,7 @@ rule report:
                     "table2",
                     "table3",
                     "effect",
+                    "bit_floor",
                     "audit",
                 }
             ),
