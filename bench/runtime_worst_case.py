@@ -2,7 +2,7 @@
 what the runtime makes of it (bench/SCIENCE.md §12).
 
     python bench/runtime_worst_case.py [--archs resnet18 ...] [--seeds 0 1 2] [--checkpoints checkpoints]
-        [--configfile config.yaml [profile.yaml ...]] [--out results/runtime_worst_case]
+        [--configfile config.yaml bench/runtime_worst_case.yaml] [--out results/runtime_worst_case]
 
 Per (arch, seed): D = train.runtime_pair grown from ``checkpoints/seed{s}/distill/{arch}.pt`` (W)
 with the ``pairs`` section resolved for (arch, detrimental): its recipe, α and ``pairs.objective``
@@ -63,7 +63,7 @@ def main():
     parser.add_argument("--archs", nargs="+", default=["resnet18", "mobilenetv4_conv_medium", "regnetx_016"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--checkpoints", default="checkpoints")
-    parser.add_argument("--configfile", nargs="+", default=["config.yaml"])
+    parser.add_argument("--configfile", nargs="+", default=["config.yaml", "bench/runtime_worst_case.yaml"])
     parser.add_argument("--out", default="results/runtime_worst_case")
     args = parser.parse_args()
     torch.set_num_threads(1)
