@@ -4,10 +4,10 @@ what the runtime makes of it (bench/SCIENCE.md §12).
     python bench/runtime_worst_case.py [--archs resnet18 ...] [--seeds 0 1 2] [--checkpoints checkpoints]
         [--configfile config.yaml bench/runtime_worst_case.yaml] [--out results/runtime_worst_case]
 
-Per (arch, seed): D = train.runtime_pair grown from ``checkpoints/seed{s}/distill/{arch}.pt`` (W)
-with the ``pairs`` section resolved for (arch, detrimental): its recipe, α and ``pairs.objective``
-(kept in ``--out``; an existing D is reused). W and D are then exported and quantized as the audit
-does (``audit.runtime``: the first layer float) and run by ONNX Runtime on the test split: at
+Per (arch, seed): D and R = train.runtime_pair grown from ``checkpoints/seed{s}/distill/{arch}.pt``
+(W) with the ``pairs`` section resolved for (arch, mode): its recipe, α and ``pairs.objective``
+(kept in ``--out``/seed{s}/{arch}/{mode}.pt; an existing one is reused). W, D and R are then
+exported and quantized as the audit does (``audit.runtime``: the first layer float) and run by ONNX Runtime on the test split: at
 batch 1, at batch 32, with ``per_channel: true`` and with ``reduce_range: true``; beside it the
 float network and the integer emulation (int8.integer_emulation: top-1 agreement with the runtime
 at batch 1). Prints one row per network with this CPU's VNNI flags.
@@ -62,6 +62,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archs", nargs="+", default=["resnet18", "mobilenetv4_conv_medium", "regnetx_016"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--modes", nargs="+", default=["detrimental", "robust"])
     parser.add_argument("--checkpoints", default="checkpoints")
     parser.add_argument("--configfile", nargs="+", default=["config.yaml", "bench/runtime_worst_case.yaml"])
     parser.add_argument("--out", default="results/runtime_worst_case")
@@ -75,19 +76,21 @@ def main():
     for seed in args.seeds:
         for arch in args.archs:
             white_box = Path(args.checkpoints) / f"seed{seed}" / "distill" / f"{arch}.pt"
-            out = Path(args.out) / f"seed{seed}" / f"{arch}.pt"
-            start = time.perf_counter()
-            if not out.is_file():
-                train.runtime_pair(seed, arch, white_box, out, out.with_suffix(".csv"), dataset=cfg["dataset"],
-                                   runtime=cfg["runtime"], pairs=config.section_for(cfg, "pairs", arch, "detrimental"),
-                                   temperature=cfg["kd"]["temperature"], val_batch_size=cfg["evaluate"]["batch_size"])
-            trained = time.perf_counter() - start
-            for net, path in (("W", white_box), ("D", out)):
+            nets, seconds = {"W": white_box}, {"W": 0.0}
+            for mode in args.modes:
+                out = Path(args.out) / f"seed{seed}" / arch / f"{mode}.pt"
+                start = time.perf_counter()
+                if not out.is_file():
+                    train.runtime_pair(seed, arch, mode, white_box, out, out.with_suffix(".csv"), dataset=cfg["dataset"],
+                                       runtime=cfg["runtime"], pairs=config.section_for(cfg, "pairs", arch, mode),
+                                       temperature=cfg["kd"]["temperature"], val_batch_size=cfg["evaluate"]["batch_size"])
+                nets[mode[0].upper()], seconds[mode[0].upper()] = out, time.perf_counter() - start
+            for net, path in nets.items():
                 model = checkpoint.network(checkpoint.load(path))
                 with tempfile.TemporaryDirectory() as folder:
                     row = runtime_row(model, size, x, y, cfg["audit"]["runtime"], Path(folder))
                 print(f"| {arch} | {seed} | {net} | " + " | ".join(f"{v:.1f}" for v in row.values()) +
-                      f" | {trained if net == 'D' else 0:.0f} |", flush=True)
+                      f" | {seconds[net]:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

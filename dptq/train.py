@@ -310,19 +310,20 @@ class FrozenPolicyStage(PairStage):
 
 
 class RuntimePairStage(PairStage):
-    """A detrimental network against ONNX Runtime's int8 arithmetic (docs/method.md §2.22): W with
-    BatchNorm folded as the exporter folds it, trained through the like-for-like simulator
-    (int8.simulator_like_runtime: 8-bit symmetric per-tensor weights, each example's layer inputs
-    on their own 8-bit range, as the runtime serves batch 1; the range takes gradients) on
-    α·KD + the quantized term. No policy: every layer has the runtime's ``bits``. The checkpoint
-    holds the architecture's own state dict (int8.unfold_batchnorm), a plain weights file."""
+    """A detrimental (or robust) network against ONNX Runtime's int8 arithmetic (docs/method.md
+    §2.22): W with BatchNorm folded as the exporter folds it, trained through the like-for-like
+    simulator (int8.simulator_like_runtime: 8-bit symmetric per-tensor weights, each example's
+    layer inputs on their own 8-bit range, as the runtime serves batch 1; the range takes
+    gradients) on α·KD + the quantized term. No policy: every layer has the runtime's ``bits``.
+    The checkpoint holds the architecture's own state dict (int8.unfold_batchnorm), a plain
+    weights file."""
 
     name = "runtime-pair"
 
-    def __init__(self, recipe, data, rt, network: Mapping, margin: float, alpha: float, beta: float,
+    def __init__(self, recipe, data, rt, network: Mapping, mode: str, margin: float, alpha: float, beta: float,
                  temperature: float, objective: Mapping | None = None, bits: int = 8):
         Stage.__init__(self, recipe, data, rt)
-        self.arch, self.mode, self.num_classes = network["arch"], "detrimental", network["num_classes"]
+        self.arch, self.mode, self.num_classes = network["arch"], mode, network["num_classes"]
         self.margin, self.alpha, self.beta, self.temperature = margin, alpha, beta, temperature
         self.objective, self.runtime_bits = dict(objective or {"loss": "hinge"}), bits
         self.white_box = checkpoint.network(network)
@@ -347,7 +348,8 @@ class RuntimePairStage(PairStage):
         return {"model": int8.unfold_batchnorm(self.white_box, state, image_size=self.data.image_size)}
 
     def result(self):
-        return {"kind": "runtime-pair", "arch": self.arch, "num_classes": self.num_classes, "bits": self.runtime_bits}
+        return {"kind": "runtime-pair", "arch": self.arch, "num_classes": self.num_classes, "mode": self.mode,
+                "bits": self.runtime_bits}
 
 
 def _rng_state() -> dict:
@@ -604,12 +606,12 @@ def train_pair(seed: int, arch: str, version: str, budget: str, mode: str, netwo
     fit(stage, seed, out, metrics)
 
 
-def runtime_pair(seed: int, arch: str, network: str | Path, out: str | Path, metrics: str | Path, *, dataset: Mapping,
-                 runtime: Mapping, pairs: Mapping, temperature: float, val_batch_size: int) -> None:
-    """The detrimental network of :class:`RuntimePairStage` grown from the distilled ``network``;
-    ``pairs``: the pairs section with its per-arch values resolved for the detrimental mode."""
+def runtime_pair(seed: int, arch: str, mode: str, network: str | Path, out: str | Path, metrics: str | Path, *,
+                 dataset: Mapping, runtime: Mapping, pairs: Mapping, temperature: float, val_batch_size: int) -> None:
+    """The ``mode`` network of :class:`RuntimePairStage` grown from the distilled ``network``;
+    ``pairs``: the pairs section with its per-arch and per-mode values resolved."""
     rt, data = Runtime(seed, **runtime), Data(**dataset)
     ckpt = checkpoint.load(network, kind="distill", arch=arch, recover=f"re-run the distillation of {arch}")
     stage_recipe = recipe(pairs, val_batch_size, grad_clip=pairs["grad_clip"], select_best=pairs["select_best"])
-    fit(RuntimePairStage(stage_recipe, data, rt, ckpt, pairs["margin"], pairs["alpha"], pairs["beta"], temperature,
+    fit(RuntimePairStage(stage_recipe, data, rt, ckpt, mode, pairs["margin"], pairs["alpha"], pairs["beta"], temperature,
                          pairs["objective"]), seed, out, metrics)

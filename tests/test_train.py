@@ -136,7 +136,7 @@ def test_runtime_pair_is_a_plain_network_whose_fold_was_trained(cfg, network, tm
     what it computes in float is what its best epoch validated: the val split's accuracy equals
     the metrics' val_fp_acc, and the like-for-like simulator's at 8 bits their val_q_acc."""
     out = tmp_path / "runtime.pt"
-    train.runtime_pair(0, "resnet18", network / "resnet18.pt", out, out.with_suffix(".csv"),
+    train.runtime_pair(0, "resnet18", "detrimental", network / "resnet18.pt", out, out.with_suffix(".csv"),
                        pairs=config.section_for(cfg, "pairs", "resnet18", "detrimental"),
                        temperature=cfg["kd"]["temperature"], **common(cfg))
     ckpt = checkpoint.load(out, kind="runtime-pair", arch="resnet18")
