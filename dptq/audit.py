@@ -195,9 +195,25 @@ def learned_policy(ctx: Context, model: nn.Module, name: str, cell: Cell, pairs:
                     level=pairs["budgets"][cell.budget], offset=pairs["budget_offset"][cell.version])
         stage = train.FrozenPolicyStage(recipe, ctx.data, ctx.rt, model, name, spec, quant, pairs["policy"],
                                         policy["margin"], start)
-        train.fit(stage, ctx.seed, path, path.with_suffix(".csv"))
+        fit_from_start(stage, ctx.seed, path)
     ckpt = checkpoint.load(path, kind="audit-policy", recover=f"delete {path} to train the policy again")
     return ctx.rt.to_device(checkpoint.policy_of(ckpt), ctx.data.image_size).eval()
+
+
+def fit_from_start(stage: train.FrozenPolicyStage, seed: int, path: Path) -> None:
+    """Train ``stage``'s policy into ``path``; with the best epoch kept (``pairs.select_best``), its
+    start counts as epoch 0: the policy is left where it started unless an epoch beats the start's
+    validation objective. A policy started at the greedy allocation thus ends no weaker than the
+    greedy rule on the validation part, where a few epochs of SGD could leave it for a worse one."""
+    trained, metrics = path.with_suffix(".trained.pt"), path.with_suffix(".csv")
+    start = stage.start_objective()
+    if not trained.exists():
+        train.fit(stage, seed, trained, metrics)
+    ckpt = checkpoint.load(trained, kind="audit-policy", recover=f"delete {trained} to train the policy again")
+    if start is not None and start[1] <= pd.read_csv(metrics)["objective"].min():
+        ckpt = {**ckpt, "policy": start[0], "best_epoch": 0}
+    checkpoint.save(ckpt, path)
+    trained.unlink()
 
 
 def cell_policies(ctx: Context, model: nn.Module, name: str, cell: Cell, drops: Sequence[float], pairs: Mapping,

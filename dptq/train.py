@@ -305,6 +305,18 @@ class FrozenPolicyStage(PairStage):
             q_logits = self.quant(x, allocate(self.policy, x, self.options, self.capacity, self.profits))
         return hinge_loss(q_logits, targets, self.margin, self.mode), targets, targets, q_logits
 
+    def start_objective(self) -> tuple[dict, float] | None:
+        """(the policy's weights, its validation objective) as it stands before training: the
+        epoch 0 that :func:`dptq.audit.fit_from_start` weighs against the trained epochs. None
+        when no epoch is chosen (``select_best`` off or no validation part)."""
+        if not self.recipe.select_best or self.data.val_fraction <= 0:
+            return None
+        val_set = self.data.build("val")
+        if not len(val_set):
+            return None
+        objective = self.validate(self.data.loader(val_set, self.recipe.val_batch_size, self.rt))["objective"]
+        return copy.deepcopy(self.policy.state_dict()), objective
+
     def result(self):
         return {"kind": "audit-policy", "arch": self.arch, "cell": self.cell}
 

@@ -89,3 +89,5 @@ def test_scripts_run():
     assert "ms/step" in run("calibrate.py", "--steps", "1", "--batch", "2")
     assert "True" in run("step_ab.py", "--base", "HEAD", "--archs", "resnet18", "--size", "16", "--batch", "2", "--rounds", "1",
                          path=os.environ["PATH"])  # it reads the base revision with git
+    assert "learned at or below" in run("controllers.py", "--archs", "resnet18", "--steps", "1", "--set", "audit.policy.epochs=1",
+                                        "analysis.max_examples=20")
