@@ -1,5 +1,5 @@
 """Issue 33, part 2: a detrimental network trained against ONNX Runtime's own int8 arithmetic, and
-what the runtime makes of it (bench/SCIENCE.md §12).
+what the runtime makes of it (bench/SCIENCE.md §13).
 
     python bench/runtime_worst_case.py [--archs resnet18 ...] [--seeds 0 1 2] [--checkpoints checkpoints]
         [--configfile config.yaml bench/runtime_worst_case.yaml] [--out results/runtime_worst_case]
