@@ -7,6 +7,7 @@ Pure pandas, like :mod:`dptq.tables`.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import pandas as pd
@@ -14,7 +15,7 @@ import pandas as pd
 EFFECT_COLUMNS = ["seed", "arch", "version", "budget", "white_box_acc", "robust_fp_acc", "robust_delta",
                   "detrimental_fp_acc", "detrimental_delta", "fp_gap", "meets", "highlighted"]
 CROSS_POLICY_COLUMNS = ["seed", "arch", "d_own", "d_with_robust_policy", "d_with_random_policy", "w_fp", "w_with_d_policy",
-                        "r_fp", "r_with_d_policy", "collapse_needs_both", "others_hold"]
+                        "r_fp", "r_with_d_policy", "policy_has_choice", "collapse_needs_both", "others_hold"]
 DEPTH_COLUMNS = ["seed", "arch", "rank", "layer", "relative_depth", "d_acc", "r_acc"]
 
 
@@ -71,11 +72,34 @@ def effect(table1: pd.DataFrame, bar: Bar) -> pd.DataFrame:
     return out[EFFECT_COLUMNS]
 
 
-def cross_policy(table3: pd.DataFrame, bar: Bar) -> pd.DataFrame:
+def policy_has_choice(options: str, capacity: int, num_layers: int) -> bool:
+    """Whether a cell's knapsack (docs/method.md §2.6, §2.8) leaves the policy a choice: more than one
+    allocation of ``num_layers`` layers, each taking one of ``options`` (Table 1's ``"low-high"``),
+    sums to ``capacity``.
+
+    Exactly one does when every layer must take the same option: the options are all equal
+    (the bit floor, §2.23), or C = N·low (every layer at its lowest, as at §2.6's III-A) or C = N·high.
+    Any C strictly between puts two layers on different options, which can swap.
+    """
+    low, high = (int(bits) for bits in str(options).split("-"))
+    return low != high and num_layers * low < capacity < num_layers * high
+
+
+def choice_at_highlighted(table1: pd.DataFrame, num_layers: Mapping[str, int]) -> dict[tuple, bool]:
+    """Per (seed, arch), :func:`policy_has_choice` at that seed's own highlighted cell (Table 3's
+    cell), from Table 1's options and capacity and the arch's N (``num_layers``)."""
+    cells = table1[table1["highlighted"]].drop_duplicates(["seed", "arch"])
+    return {(row.seed, row.arch): policy_has_choice(row.options, row.capacity, num_layers[row.arch])
+            for row in cells.itertuples()}
+
+
+def cross_policy(table3: pd.DataFrame, bar: Bar, choice: Mapping[tuple, bool]) -> pd.DataFrame:
     """Per (seed, arch), Table 3's two claims at that seed's highlighted cell:
 
     - the collapse needs both D and π_D: Q(D, π_D) ≤ Q(D, π_R) − min_detrimental_drop and
-      Q(D, π_D) ≤ Q(D, random) − min_detrimental_drop;
+      Q(D, π_D) ≤ Q(D, random) − min_detrimental_drop. Where the cell leaves the policy no choice
+      (``choice``: :func:`choice_at_highlighted`; ``policy_has_choice`` False) all three policies
+      give the one allocation, so the claim is not applicable: None, not a miss;
     - π_D alone does not break the other networks: |Q(W, π_D) − FP(W)| ≤ max_cross_policy_drop and
       |Q(R, π_D) − FP(R)| ≤ max_cross_policy_drop.
     """
@@ -86,9 +110,11 @@ def cross_policy(table3: pd.DataFrame, bar: Bar) -> pd.DataFrame:
         row = dict(seed=seed, arch=arch, d_own=q[("detrimental", "detrimental")],
                    d_with_robust_policy=q[("detrimental", "robust")], d_with_random_policy=q[("detrimental", "random")],
                    w_fp=fp["white_box"], w_with_d_policy=q[("white_box", "detrimental")],
-                   r_fp=fp["robust"], r_with_d_policy=q[("robust", "detrimental")])
+                   r_fp=fp["robust"], r_with_d_policy=q[("robust", "detrimental")],
+                   policy_has_choice=choice[(seed, arch)])
         others = min(row["d_with_robust_policy"], row["d_with_random_policy"])
-        row["collapse_needs_both"] = bool(round(row["d_own"] + bar.min_detrimental_drop, 9) <= round(others, 9))
+        row["collapse_needs_both"] = (bool(round(row["d_own"] + bar.min_detrimental_drop, 9) <= round(others, 9))
+                                      if row["policy_has_choice"] else None)
         row["others_hold"] = bool(round(abs(row["w_with_d_policy"] - row["w_fp"]), 9) <= bar.max_cross_policy_drop
                                   and round(abs(row["r_with_d_policy"] - row["r_fp"]), 9) <= bar.max_cross_policy_drop)
         rows.append(row)

@@ -14,7 +14,9 @@ text for both. A figure of a per-arch kind uses its kind's file with ``{arch}`` 
 Over seeds a cell shows m ± h: the mean m of the n seeds and the half-width of its 95 %
 Student-t interval, h = t_{0.975, n-1} · s/√n (s: the sample standard deviation; m alone for
 n = 1). Table 1's come from ``table1_summary.csv``, Tables 2 and 3 are summarised here with
-:func:`dptq.tables.ci95`. The paper's numbers (``paper.yaml``) are compared with the means.
+:func:`dptq.tables.ci95`. The paper's numbers (``paper.yaml``) are compared with the means, at
+each side's highlighted cell and at the paper's cell, beside the objective and epochs the pairs
+were trained with (a number compares with the paper's only under the paper's hinge).
 """
 from __future__ import annotations
 
@@ -36,11 +38,14 @@ from pandas.io.formats.style import Styler
 
 from . import claims
 from .audit_record import AuditResult
-from .config import cell_name
+from .config import cell_name, section_for
 from .figures import MAX_HISTOGRAM_LAYERS, NETWORKS, figure_kind, figure_names, read
+from .models import num_quantizable_layers
 from .tables import bit_floor, ci95, coupling_drops
 
 POLICIES = {"robust": "π_R", "detrimental": "π_D", "random": "random"}
+# pairs.objective.loss -> how the report names it, filled from pairs.objective (docs/method.md §2.10).
+OBJECTIVES = {"hinge": "hinge (the paper's)", "target": "target penalty {weight} · (CE_q − {target})² (Qu-ANTI-zation's)"}
 MODES = ("robust", "detrimental")
 TABLES = ("table1", "summary", "table2", "table3", "effect")
 VERSIONS = ["torch", "torchvision", "timm", "numpy", "pandas", "matplotlib", "seaborn", "jinja2", "snakemake", "dvc",
@@ -267,10 +272,17 @@ def _table3_html(t3: pd.DataFrame) -> str:
     return _html(pd.DataFrame(rows, columns=["arch", "setting"] + [NETWORKS.get(n, n) for n in networks]), "table3")
 
 
-def _reference_html(metrics: Mapping, t3: pd.DataFrame, ref: Mapping) -> str:
-    """The paper's numbers beside this run's means: a row per quantity, two columns per arch."""
-    archs = list(metrics) + [a for a in ref["white_box_acc"] if a not in metrics]
+def _reference_html(metrics: Mapping, summary: pd.DataFrame, t3: pd.DataFrame, ref: Mapping) -> str:
+    """The paper's numbers beside this run's means: a row per quantity, two columns per arch.
+
+    R and D are shown twice: at each side's own highlighted cell, and at the paper's cell as this
+    run measured it (``summary``'s means), since the two highlight rules may pick different cells.
+    """
+    # the summary's archs, not metrics' keys: metrics.json also holds the audit's entry
+    ran = list(pd.unique(summary["arch"]))
+    archs = ran + [a for a in ref["white_box_acc"] if a not in ran]
     q3 = t3.groupby(["arch", "policy", "network"])["q_acc"].mean()
+    means = {(r.arch, r.cell, r.mode): r for r in summary.itertuples()}
     columns, quantities = {}, None
     for arch in archs:
         ours, hl, paper3 = metrics.get(arch, {}), ref["highlighted"].get(arch, {}), ref["table3"].get(arch, {})
@@ -280,6 +292,11 @@ def _reference_html(metrics: Mapping, t3: pd.DataFrame, ref: Mapping) -> str:
             tag, theirs = mode[0].upper(), hl.get(mode, {})
             pairs[f"{tag} FP accuracy (%), highlighted cell"] = (theirs.get("fp_acc"), ours.get(f"{mode}_fp_acc"))
             pairs[f"{tag} Δ = Q − FP (points), highlighted cell"] = (theirs.get("delta"), ours.get(f"{mode}_delta"))
+        for mode in MODES:
+            tag, theirs = mode[0].upper(), hl.get(mode, {})
+            for quantity, label in (("fp_acc", "FP accuracy (%)"), ("delta", "Δ = Q − FP (points)")):
+                pairs[f"{tag} {label}, the paper's cell"] = (theirs.get(quantity),
+                                                            _at_cell(means, arch, hl.get("cell"), mode, quantity))
         pairs["transitory points (% of the test set)"] = (ref["transitory_pct"].get(arch), ours.get("transitory_pct"))
         for policy, pol in POLICIES.items():
             for network, net in NETWORKS.items():
@@ -289,6 +306,33 @@ def _reference_html(metrics: Mapping, t3: pd.DataFrame, ref: Mapping) -> str:
         columns[(arch, "paper")] = [_fmt(p, "Δ" in q) for q, (p, _) in pairs.items()]
         columns[(arch, "this run")] = [_fmt(o, "Δ" in q) for q, (_, o) in pairs.items()]
     return _html(pd.DataFrame(columns, index=quantities), "reference", index=True)
+
+
+def _at_cell(means: Mapping, arch: str, cell: str | None, mode: str, quantity: str):
+    """This run's seed mean of ``quantity`` (``fp_acc``, ``delta``) for ``arch``'s ``mode`` pair at
+    ``cell``: "not run" where this run trained no such pair, None (a dash) where there is no cell."""
+    if cell is None:
+        return None
+    row = means.get((arch, cell, mode))
+    return "not run" if row is None else getattr(row, f"{quantity}_mean")
+
+
+def _recipe(config: Mapping) -> dict:
+    """Per arch and mode, the quantized objective and the epochs its pairs were trained with
+    (``pairs.objective``, ``pairs.epochs``, resolved as the pair jobs resolve them), and the pairs
+    not trained with the paper's hinge: a number beside the paper's compares like with like only
+    under the paper's objective."""
+    rows, off_paper = [], []
+    for arch in config["kd"]["archs"]:
+        row = {"arch": arch}
+        for mode in config["pairs"]["modes"]:
+            pairs = section_for(config, "pairs", arch, mode)
+            row[f"{mode}: objective"] = OBJECTIVES[pairs["objective"]["loss"]].format(**pairs["objective"])
+            row[f"{mode}: epochs"] = pairs["epochs"]
+            if pairs["objective"]["loss"] != "hinge":
+                off_paper.append(f"{arch} {mode}")
+        rows.append(row)
+    return {"table": _html(pd.DataFrame(rows), "recipe"), "off_paper": off_paper}
 
 
 def _effect_html(effect: pd.DataFrame) -> str:
@@ -307,12 +351,17 @@ def _effect_html(effect: pd.DataFrame) -> str:
     return _html(pd.DataFrame(rows), "effect")
 
 
-def _claims_html(effect: pd.DataFrame, t3: pd.DataFrame, scan: pd.DataFrame, thresholds: Mapping) -> dict[str, str]:
-    """The three per-seed claim tables of the report's claims section."""
+def _claims_html(effect: pd.DataFrame, t1: pd.DataFrame, t3: pd.DataFrame, scan: pd.DataFrame, thresholds: Mapping,
+                 num_layers: Mapping[str, int]) -> dict[str, str]:
+    """The three per-seed claim tables of the report's claims section; ``num_layers``: N per arch,
+    which with Table 1's options and capacity says whether a seed's cell left the policy a choice."""
     at_cell = effect[effect["highlighted"]].drop(columns=["highlighted", "cell"])
+    cross = claims.cross_policy(t3, claims.Bar(**thresholds), claims.choice_at_highlighted(t1, num_layers))
+    # None: the claim does not apply (one allocation), which "–" would hide and "no" would misstate
+    cross["collapse_needs_both"] = cross["collapse_needs_both"].map(lambda v: "not applicable" if v is None else v)
     return {"effect": _effect_html(effect),
             "effect_rows": _html(at_cell, "effect-rows", signed=["robust_delta", "detrimental_delta"]),
-            "cross_policy": _html(claims.cross_policy(t3, claims.Bar(**thresholds)), "cross-policy"),
+            "cross_policy": _html(cross, "cross-policy"),
             "depth": _html(claims.failure_depth(scan), "failure-depth")}
 
 
@@ -411,13 +460,14 @@ def build(tables: Mapping, remedy, layer_scan, figures_dir, captions_dir, benchm
         n_seeds=int(summary["n_seeds"].max()),
         fig1=images["fig1_table1"], figures=[images[n] for n in names if n != "fig1_table1"],
         no_histograms=[a for a in archs if a not in histogram_archs],
-        reference=_reference_html(metrics, t3, ref),
+        reference=_reference_html(metrics, summary, t3, ref), recipe=_recipe(config),
         table1=_table1_html(summary),
         table1_summary=_rows_html(summary, "table1-summary", "delta_mean"),
         table1_tidy=_rows_html(t1, "table1-tidy", "delta"),
         table2=_table2_html(t2), table3=_table3_html(t3),
         bit_floor=None if floor.empty else _html(floor, "bit-floor", signed=["delta_mean"]),
-        claims=_claims_html(effect, t3, scan, config["evaluate"]["effect"]),
+        claims=_claims_html(effect, t1, t3, scan, config["evaluate"]["effect"],
+                            {arch: num_quantizable_layers(arch) for arch in pd.unique(t1["arch"])}),
         audit=audit_tables, audit_images=audit_images,
         remedy=_html(rem.assign(delta=rem["q_acc"] - rem["fp_acc"]), "remedy", signed=["delta"]),
         runtimes=_html(times, "runtimes") if len(times) else None,

@@ -51,12 +51,37 @@ def table3(seed: int, d_own: float, d_r: float, d_rand: float, w_d: float, r_d: 
 def test_cross_policy_claims_per_seed():
     t3 = pd.concat([table3(0, 40.0, 60.0, 61.0, 87.0, 86.0),     # 20 below both; W and R within 5
                     table3(1, 40.0, 59.9, 80.0, 87.0, 86.0),     # 19.9 below D with π_R
-                    table3(2, 40.0, 80.0, 80.0, 86.9, 91.0)])    # W with π_D 5.1 below its FP
-    out = claims.cross_policy(t3, EFFECT)
+                    table3(2, 40.0, 80.0, 80.0, 86.9, 91.0),     # W with π_D 5.1 below its FP
+                    table3(3, 40.0, 40.0, 40.0, 87.0, 86.0)])    # one allocation: every policy gives it
+    choice = {(0, "rn"): True, (1, "rn"): True, (2, "rn"): True, (3, "rn"): False}
+    out = claims.cross_policy(t3, EFFECT, choice)
     assert list(out.columns) == claims.CROSS_POLICY_COLUMNS
-    assert out["collapse_needs_both"].tolist() == [True, False, True]
-    assert out["others_hold"].tolist() == [True, True, False]
+    assert out["collapse_needs_both"].tolist() == [True, False, True, None]  # not applicable, not a miss
+    assert out["others_hold"].tolist() == [True, True, False, True]  # judged with or without a choice
+    assert out["policy_has_choice"].tolist() == [True, True, True, False]
     assert out.loc[0, ["d_own", "d_with_robust_policy", "w_fp", "r_with_d_policy"]].tolist() == [40.0, 60.0, 92.0, 86.0]
+
+
+def test_the_policy_has_a_choice_unless_one_allocation_fits():
+    n = 20
+    assert claims.policy_has_choice("4-10", 130, n)          # II-B: C = 6.5 N
+    assert claims.policy_has_choice("5-10", 101, n)          # one bit above every layer at 5
+    assert not claims.policy_has_choice("5-10", 100, n)      # III-A: C = 5 N, every layer at its lowest
+    assert not claims.policy_has_choice("5-10", 200, n)      # C = 10 N, every layer at its highest
+    assert not claims.policy_has_choice("8-8", 160, n)       # one option (the bit floor)
+
+
+def test_choice_is_read_at_each_seeds_highlighted_cell():
+    """Seed 0 highlights II-B (a choice), seed 1 III-A (C = 5 N: none); the other rows do not count."""
+    rows = [dict(seed=seed, arch="rn", version=v, budget=b, mode=mode, options=o, capacity=c,
+                 highlighted=(v, b) == cell)
+            for seed, cell in ((0, ("II", "B")), (1, ("III", "A")))
+            for v, b, o, c in (("II", "B", "4-10", 130), ("III", "A", "5-10", 100))
+            for mode in ("robust", "detrimental")]
+    choice = claims.choice_at_highlighted(pd.DataFrame(rows), {"rn": 20})
+    assert choice == {(0, "rn"): True, (1, "rn"): False}
+    # the same cells with N = 19: 100 bits is five above every layer at 5, so III-A has a choice too
+    assert claims.choice_at_highlighted(pd.DataFrame(rows), {"rn": 19}) == {(0, "rn"): True, (1, "rn"): True}
 
 
 def test_failure_depth_takes_ds_lowest_single_layer_accuracies():

@@ -189,7 +189,8 @@ def build_report(root: Path, layers=LAYERS, histogram_archs=HISTOGRAM_ARCHS, see
 
 
 class Page(HTMLParser):
-    """Tables (id -> body rows, highlighted rows and cells), image sources and element ids of a page.
+    """Tables (id -> body rows, highlighted rows and cells, and ``text``: each body row's cell texts,
+    header cells included), image sources and element ids of a page.
 
     A highlighted row is one whose every data cell has the class ``hl``.
     """
@@ -197,6 +198,7 @@ class Page(HTMLParser):
     def __init__(self, text):
         super().__init__()
         self.tables, self.images, self.ids, self._table, self._in_body, self._row = {}, [], [], None, False, None
+        self._cell = None
         self.feed(text)
 
     def handle_starttag(self, tag, attrs):
@@ -204,23 +206,33 @@ class Page(HTMLParser):
         if "id" in attrs:
             self.ids.append(attrs["id"])
         if tag == "table":
-            self._table = self.tables.setdefault(attrs.get("id"), {"rows": 0, "hl_rows": 0, "hl_cells": 0})
+            self._table = self.tables.setdefault(attrs.get("id"), {"rows": 0, "hl_rows": 0, "hl_cells": 0, "text": []})
         elif tag == "tbody":
             self._in_body = True
         elif tag == "tr" and self._in_body:
             self._table["rows"] += 1
+            self._table["text"].append([])
             self._row = []
-        elif tag == "td" and self._in_body:
-            self._row.append("hl" in (attrs.get("class") or "").split())
-            self._table["hl_cells"] += self._row[-1]
+        elif tag in ("td", "th") and self._in_body:
+            self._cell = []
+            if tag == "td":
+                self._row.append("hl" in (attrs.get("class") or "").split())
+                self._table["hl_cells"] += self._row[-1]
         elif tag == "img":
             self.images.append(attrs.get("src", ""))
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
 
     def handle_endtag(self, tag):
         if tag == "tbody":
             self._in_body = False
         elif tag == "tr" and self._in_body:
             self._table["hl_rows"] += bool(self._row) and all(self._row)
+        elif tag in ("td", "th") and self._cell is not None:
+            self._table["text"][-1].append("".join(self._cell).strip())
+            self._cell = None
 
 
 @pytest.fixture(scope="module")
@@ -251,7 +263,7 @@ def test_html_has_every_table_and_figure(built):
     assert page.tables["remedy"]["rows"] == n_seeds * n_arch * 2 * len(REMEDY_SETTINGS)
     assert page.tables["runtimes"]["rows"] == 3  # train_pair, distill, teacher
     assert page.tables["versions"]["rows"] >= 8
-    assert page.tables["reference"]["rows"] == 7 + 9  # 7 headline quantities + Table 3
+    assert page.tables["reference"]["rows"] == 7 + 4 + 9  # 7 headline quantities, 4 at the paper's cell, Table 3
     names = figures.figure_names(list(LAYERS), HISTOGRAM_ARCHS)
     assert len(page.images) == len(names)
     assert all(src.startswith("data:image/png;base64,") and len(src) > 10_000 for src in page.images)
@@ -471,3 +483,78 @@ def test_a_bit_floor_gets_its_table_and_figure(tmp_path):
     start = html.index('id="bit-floor"')
     rows = html[start:html.index("</table>", start)].count("<tr")
     assert rows == 1 + 4  # the header, then b8 and b5, robust and detrimental
+
+
+def test_collapse_claim_is_not_applicable_where_the_cell_leaves_no_choice(built):
+    """Seed 1's own cell is III-A: options 5-10 and C = 5 N, so every layer takes 5 bits and all three
+    policies give that one allocation. "The collapse needs π_D" reads "not applicable" there and only
+    there; others_hold is still judged. N comes from dptq/layer_counts.yaml, the synthetic tables' N."""
+    from dptq.models import num_quantizable_layers
+
+    assert {arch: num_quantizable_layers(arch) for arch in LAYERS} == LAYERS
+    html = built["html"].read_text()
+    rows = [dict(zip(claims.CROSS_POLICY_COLUMNS, row)) for row in Page(html).tables["cross-policy"]["text"]]
+    assert len(rows) == 3 * len(LAYERS)
+    for row in rows:
+        no_choice = row["seed"] == "1"
+        assert row["policy_has_choice"] == ("no" if no_choice else "yes")
+        assert (row["collapse_needs_both"] == "not applicable") == no_choice
+        assert row["others_hold"] in ("yes", "no")
+    assert "collapse_needs_both is not applicable there" in html
+
+
+def test_reference_shows_the_papers_cell_as_measured_here():
+    """Arch a highlights I-B, the paper II-B: the paper's-cell rows hold this run's II-B means beside
+    the paper's numbers. Arch b did not run the paper's III-A: "not run". Arch c is the paper's only,
+    and metrics.json's audit entry is no arch."""
+    summary = pd.DataFrame([dict(arch=arch, cell=cell, mode=mode, fp_acc_mean=fp, delta_mean=delta)
+                            for arch, cell, mode, fp, delta in (
+                                ("a", "I-B", "robust", 97.0, -1.0), ("a", "I-B", "detrimental", 96.0, -40.0),
+                                ("a", "II-B", "robust", 97.5, -0.5), ("a", "II-B", "detrimental", 96.5, -12.25),
+                                ("b", "I-A", "robust", 95.0, 0.0), ("b", "I-A", "detrimental", 94.0, -30.0))])
+    ours = {"a": dict(white_box_acc=98.0, highlighted="I-B", robust_fp_acc=97.0, robust_delta=-1.0,
+                      detrimental_fp_acc=96.0, detrimental_delta=-40.0),
+            "b": dict(white_box_acc=96.0, highlighted="I-A", robust_fp_acc=95.0, robust_delta=0.0,
+                      detrimental_fp_acc=94.0, detrimental_delta=-30.0),
+            "audit": {"mine": {"simulated_verdict": "fail"}}}
+    ref = {"white_box_acc": {"a": 88.0, "b": 85.0, "c": 80.0}, "transitory_pct": {}, "table3": {},
+           "highlighted": {"a": {"cell": "II-B", "robust": {"fp_acc": 88.17, "delta": -0.22},
+                                 "detrimental": {"fp_acc": 88.09, "delta": -24.39}},
+                           "b": {"cell": "III-A", "robust": {"fp_acc": 86.95, "delta": -1.72},
+                                 "detrimental": {"fp_acc": 84.30, "delta": -63.72}}}}
+    t3 = pd.DataFrame(columns=["arch", "policy", "network", "q_acc"])
+    rows = {row[0]: row[1:] for row in Page(report._reference_html(ours, summary, t3, ref)).tables["reference"]["text"]}
+    # columns: a paper, a this run, b paper, b this run, c paper, c this run
+    assert rows["highlighted cell (version-budget)"] == ["II-B", "I-B", "III-A", "I-A", "–", "–"]
+    assert rows["D Δ = Q − FP (points), highlighted cell"] == ["-24.39", "-40.00", "-63.72", "-30.00", "–", "–"]
+    assert rows["R FP accuracy (%), the paper's cell"] == ["88.17", "97.50", "86.95", "not run", "–", "–"]
+    assert rows["R Δ = Q − FP (points), the paper's cell"] == ["-0.22", "-0.50", "-1.72", "not run", "–", "–"]
+    assert rows["D FP accuracy (%), the paper's cell"] == ["88.09", "96.50", "84.30", "not run", "–", "–"]
+    assert rows["D Δ = Q − FP (points), the paper's cell"] == ["-24.39", "-12.25", "-63.72", "not run", "–", "–"]
+
+
+def test_recipe_names_each_pairs_objective_and_epochs(built, tmp_path):
+    """Per arch and mode, pairs.objective and pairs.epochs as the pair jobs resolve them; the page says
+    plainly whether every pair has the paper's hinge, and where one does not, that the paper's hinge
+    result is not in this run and where it is."""
+    cfg = config.merge(make_config(), {"pairs": {
+        "objective": {"loss": {"resnet18": {"robust": "hinge", "detrimental": "target"}, "mobilenetv4_conv_medium": "hinge"},
+                      "weight": 0.05},
+        "epochs": {"resnet18": {"robust": 4, "detrimental": 16}}}})
+    recipe = report._recipe(cfg)
+    assert recipe["off_paper"] == ["resnet18 detrimental"]
+    assert Page(recipe["table"]).tables["recipe"]["text"] == [
+        ["resnet18", "hinge (the paper's)", "4", "target penalty 0.05 · (CE_q − 5.0)² (Qu-ANTI-zation's)", "16"],
+        ["mobilenetv4_conv_medium", "hinge (the paper's)", "8", "hinge (the paper's)", "8"]]
+    default = built["html"].read_text()
+    assert "Objective: hinge (the paper's) for every arch and mode" in default and "SCIENCE.md" not in default
+
+    layers = {"resnet18": 8}
+    paths = write_inputs(tmp_path, layers=layers, histogram_archs=[], seeds=(0,))
+    draw(paths)
+    build(paths, config.merge(make_config(layers, []), {"pairs": {"objective": cfg["pairs"]["objective"]}}), tmp_path)
+    html = paths["html"].read_text()
+    section = html[html.index('id="s-reference"'):html.index('id="s-claims"')]
+    assert "Objective: not the paper's hinge for resnet18 detrimental" in section
+    assert "The paper's hinge result for those pairs is not in this run; bench/SCIENCE.md §10 reports it." in section
+    assert 'id="recipe"' in section
