@@ -238,15 +238,17 @@ def integer_emulation(model: nn.Module, image_size: int, layers: Sequence[str] |
     """The quantized ONNX model's arithmetic in torch, as at batch 1: BN folded; the Conv2d/Linear
     modules named in ``layers`` as :class:`_IntegerLayer` (default: every one but the first, as
     :mod:`dptq.audit` quantizes; take a quantized file's from ``deploy.quantized_nodes``), the
-    rest float; the activations and spatial means whose runtime kernels round otherwise than
-    torch's computed as those do (:mod:`dptq.mlas`). ``u8s8_saturate``: MatMulInteger's int16
-    pair clipping (default: whether this CPU's kernel clips, ``deploy.cpu_features``).
+    rest float; the activations, spatial means and float stems on few channels whose runtime
+    kernels round otherwise than torch's computed as those do (:mod:`dptq.mlas`).
+    ``u8s8_saturate``: MatMulInteger's int16 pair clipping (default: whether this CPU's kernel
+    clips, ``deploy.cpu_features``).
 
     Given the runtime's own input to a layer, its int32 sums are the runtime's
     (tests/test_int8_networks.py). What it leaves is float kernels whose summation order it does
-    not reproduce (the float first layer, LayerNorm, Erf, softmax): one ulp moves a value across
-    a rounding step of the next layer's quantizer now and then, and a deep network carries that
-    step to its logits, as it does in the runtime itself for an input one ulp away."""
+    not reproduce (a float Conv2d with 8 or more input channels, LayerNorm, Erf, softmax): one ulp
+    moves a value across a rounding step of the next layer's quantizer now and then, and a deep
+    network carries that step to its logits, as it does in the runtime itself for an input one ulp
+    away."""
     if u8s8_saturate is None:
         u8s8_saturate = deploy.cpu_features()["u8s8_may_saturate"]
     folded = mlas.as_runtime_computes(fold_batchnorm(model, image_size=image_size))
@@ -264,6 +266,9 @@ def integer_emulation(model: nn.Module, image_size: int, layers: Sequence[str] |
             raise ValueError(f"int8.integer_emulation: {name} ({type(layer).__name__}) has its own forward; "
                              "only Conv2d layers with the stock forward and zero padding can be emulated")
         graph.replace(folded, name, _IntegerLayer(layer, u8s8_saturate))
+    for name, layer in order:
+        if name not in chosen and mlas.runs_nchw(layer):
+            graph.replace(folded, name, mlas.RuntimeConv(layer))
     return folded
 
 

@@ -22,6 +22,12 @@ packets of four (the runtime's generic code is built for SSE2): each channel's r
 values, at float offset c·N of a 16-byte aligned buffer (batch 1), sums its aligned part in two
 packet accumulators, adds them, reduces the packet as (p0 + p2) + (p1 + p3), then adds the
 unaligned head and tail in order, and divides by N. torch's mean differs in 19–55 % of channels.
+
+A float Conv with one group and fewer input channels than MLAS's NCHWc block (8 floats on AVX2, 16
+on AVX-512: a stem on RGB, the layer the audit leaves float) runs NCHWc's NCHW-input kernel, one
+call per input channel: each sums its taps in row order in fused multiply-adds from 0, adds the
+output so far, and the last call adds the bias. torch's convolution differs in 29–47 % of outputs;
+this order equals the runtime's on every shape tried (tests/test_int8_networks.py).
 """
 from __future__ import annotations
 
@@ -83,6 +89,47 @@ def _silu(x: Tensor) -> Tensor:
 
 def _hard_swish(x: Tensor) -> Tensor:
     return x * hard_sigmoid(x)
+
+
+def nchw_conv2d(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """The runtime's float Conv of an NCHW input with one group: per input channel c,
+    a_c = Σ_(kh, kw) x·w in fused multiply-adds from 0 (taps in row order, padding adds nothing),
+    y = ((a_0 + a_1) + a_2 + …) + b."""
+    patches = nn.functional.unfold(x.float(), conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+    batch, out_channels = x.shape[0], conv.out_channels
+    patches = patches.unflatten(1, (conv.in_channels, -1))  # [B, C, KH·KW, L]
+    weight = conv.weight.detach().flatten(2)  # [O, C, KH·KW]
+    out = None
+    for c in range(conv.in_channels):
+        acc = torch.zeros(batch, out_channels, patches.shape[-1], dtype=torch.float32, device=x.device)
+        for tap in range(weight.shape[-1]):
+            acc = _fma(patches[:, c, tap, None, :], weight[None, :, c, tap, None], acc)
+        out = acc if out is None else acc + out
+    if conv.bias is not None:
+        out = out + conv.bias.detach()[None, :, None]
+    size = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
+            zip(x.shape[2:], conv.padding, conv.dilation, conv.kernel_size, conv.stride)]
+    return out.unflatten(-1, size)
+
+
+NCHWC_BLOCK = 8  # MLAS's smallest NCHWc block (AVX2); a layer with fewer input channels reads NCHW
+
+
+def runs_nchw(module: nn.Module) -> bool:
+    """Whether the runtime computes this layer, left float, with :func:`nchw_conv2d`."""
+    return (type(module) is nn.Conv2d and module.groups == 1 and module.in_channels < NCHWC_BLOCK
+            and module.padding_mode == "zeros" and not isinstance(module.padding, str))
+
+
+class RuntimeConv(nn.Module):
+    """A float Conv2d computed as the runtime's NCHW-input kernel (:func:`nchw_conv2d`)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nchw_conv2d(x, self.conv)
 
 
 KERNELS = {nn.Sigmoid: logistic, nn.SiLU: _silu, nn.Hardsigmoid: hard_sigmoid, nn.Hardswish: _hard_swish}

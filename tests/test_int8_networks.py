@@ -139,6 +139,24 @@ def test_the_float_kernels_are_the_runtimes_bit_for_bit():
         assert torch.equal(emulated(maps), expected) and torch.equal(_Squeeze()(maps), maps.mean((2, 3), keepdim=True))
 
 
+@pytest.mark.parametrize("in_channels, out_channels, kernel, stride, padding, dilation", [
+    (3, 32, 3, 2, 1, 1), (3, 20, 7, 2, 3, 1), (1, 16, 3, 1, 1, 2), (3, 40, 4, 4, 0, 1)])
+def test_a_float_stem_is_the_runtimes_bit_for_bit(in_channels, out_channels, kernel, stride, padding, dilation, tmp_path):
+    """A float convolution with fewer input channels than MLAS's NCHWc block (the stem the audit
+    leaves float) as the runtime computes it, at output widths that are no multiple of the block
+    too: mlas.nchw_conv2d and the emulation's module equal the runtime's Conv; torch's differs."""
+    torch.manual_seed(0)
+    conv, x = nn.Conv2d(in_channels, out_channels, kernel, stride, padding, dilation).eval(), torch.randn(3, in_channels, 17, 17)
+    path = tmp_path / "conv.onnx"
+    torch.onnx.export(conv, (x[:1],), str(path), dynamo=False, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "b"}, "y": {0: "b"}})
+    expected = deploy.Session(path)(x, 1)
+    with torch.no_grad():
+        assert torch.equal(mlas.nchw_conv2d(x, conv), expected)
+        assert mlas.runs_nchw(conv) and torch.equal(mlas.RuntimeConv(conv)(x), expected)
+        assert in_channels == 1 or not torch.equal(conv(x), expected)  # one channel: one FMA chain, as torch sums
+
+
 class _Squeeze(nn.Module):
     def forward(self, x):
         return x.mean((2, 3), keepdim=True)
