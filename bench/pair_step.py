@@ -22,11 +22,14 @@ counter; on the CPU, where the step's extra time is per-operation overhead, the 
 fusing would remove).
 
 ``--profile STEPS`` then runs STEPS pair steps under ``torch.profiler`` and prints the operators
-that take the most self time, where a pair step's time beyond the plain step's goes.
+that take the most self time, where a pair step's time beyond the plain step's goes; on CUDA also
+the kernel share: the GPU kernels' summed time per pair step (profiled) over the pair step's wall
+time (the same STEPS timed without the profiler); below 100 % the GPU waits for the host.
 """
 import argparse
 import collections
 import copy
+import time
 
 import timm
 import torch
@@ -142,12 +145,14 @@ def step_times(arch: str, size: int, batch: int, device: torch.device, repeats: 
         times["plain ops"], times["pair ops"] = (sum(dispatched_ops(fn).values()) for fn in (plain, pair))
     if profile_steps:
         print(f"{arch}: the pair step's operators over {profile_steps} steps, by self time", flush=True)
-        print(operator_profile(pair, profile_steps, device), flush=True)
+        table, share = operator_profile(pair, profile_steps, device)
+        print(f"{table}\n{arch}: {share}", flush=True)
     return quant.num_layers, times
 
 
-def operator_profile(fn, steps: int, device: torch.device, rows: int = 20) -> str:
-    """``torch.profiler``'s operator table of ``steps`` calls of ``fn`` (after one warm-up)."""
+def operator_profile(fn, steps: int, device: torch.device, rows: int = 20) -> tuple[str, str]:
+    """``torch.profiler``'s operator table of ``steps`` calls of ``fn`` (after one warm-up), and the
+    kernel share line (:func:`kernel_share`)."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -156,7 +161,24 @@ def operator_profile(fn, steps: int, device: torch.device, rows: int = 20) -> st
         for _ in range(steps):
             fn()
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=rows)
+    return prof.key_averages().table(sort_by=key, row_limit=rows), kernel_share(fn, steps, device, prof)
+
+
+def kernel_share(fn, steps: int, device: torch.device, prof) -> str:
+    """One line: the GPU kernels' summed time per call of ``fn`` in ``prof`` (``steps`` calls) over
+    the wall time per call of ``steps`` unprofiled calls (memory copies and sets not counted)."""
+    if device.type != "cuda":
+        return f"kernel share: n/a on {device.type}"
+    kernel_us = sum(e.time_range.elapsed_us() for e in prof.events()
+                    if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+                    and not e.name.startswith(("Memcpy", "Memset")))
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    torch.cuda.synchronize()
+    wall_ms, kernel_ms = 1000 * (time.perf_counter() - start) / steps, kernel_us / 1000 / steps
+    return f"kernel share: {kernel_ms:.2f} ms of GPU kernels / {wall_ms:.2f} ms wall per step = {100 * kernel_ms / wall_ms:.1f} %"
 
 
 def main():

@@ -91,3 +91,23 @@ def test_scripts_run():
                          path=os.environ["PATH"])  # it reads the base revision with git
     assert "learned at or below" in run("controllers.py", "--archs", "resnet18", "--steps", "1", "--set", "audit.policy.epochs=1",
                                         "analysis.max_examples=20")
+
+
+@pytest.mark.slow
+def test_gpu_sh_on_the_cpu(tmp_path):
+    """bench/gpu.sh end to end on tiny sizes (56-75 s here): every step succeeds, summary.md holds every
+    number, the CUDA-only kernel share says n/a, and $OUT holds no more than the device tool brings back (8 files)."""
+    env = {**os.environ, "DEVICE": "cpu", "SMALL": "1", "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], capture_output=True, text=True, timeout=900, env=env)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    summary = (tmp_path / "summary.md").read_text()
+    steps = ("versions", "pair_b256", "pair_b64", "mckp", "projection", "train", "equivalence")
+    for step in steps:
+        assert f" {step} ok (" in summary
+    rows = [line for line in summary.splitlines() if line.startswith("| ") and not line.startswith("| number")]
+    expected = {"pair / plain": 5, "quant / plain": 5, "distillation's efficiency": 3, "kernel share": 3, "MCKP": 1,
+                "projected": 1, "smoke W": 1, "pair-step equivalence": 3}
+    assert {k: sum(r.startswith(f"| {k}") for r in rows) for k in expected} == expected and len(rows) == 22
+    assert not any("— (" in r for r in rows), summary  # every number is there
+    assert sum("| n/a on cpu |" in r for r in rows) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["summary.md", *(f"{step}.txt" for step in steps)])
