@@ -81,8 +81,9 @@ class Recipe:
     grad_clip: float | None = None
     select_best: bool = False
 
-    def optimizer_for(self, params) -> torch.optim.Optimizer:
-        if self.optimizer == "sgd":
+    def optimizer_for(self, params, kind: str | None = None) -> torch.optim.Optimizer:
+        """A ``kind`` optimiser (default: the recipe's) over ``params``."""
+        if (kind or self.optimizer) == "sgd":
             return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
 
@@ -99,7 +100,8 @@ class Stage:
         raise NotImplementedError
 
     def param_groups(self) -> list[dict]:
-        """The optimiser's parameter groups: one, at the recipe's lr."""
+        """The optimiser's parameter groups: one, at the recipe's lr. A group may name its own
+        ``lr`` and its own ``optimizer`` (``sgd`` | ``adamw``; default the recipe's)."""
         return [{"params": [p for m in self.modules().values() for p in m.parameters() if p.requires_grad]}]
 
     def train_mode(self) -> None:
@@ -192,7 +194,7 @@ class PairStage(Stage):
         self.arch, self.mode, self.num_classes = network["arch"], cell["mode"], network["num_classes"]
         self.margin, self.alpha, self.beta, self.temperature = margin, alpha, beta, temperature
         self.objective = dict(objective or {"loss": "hinge"})
-        self.profits, self.policy_lr = policy["profits"], policy["lr"]
+        self.profits, self.policy_lr, self.policy_optimizer = policy["profits"], policy["lr"], policy["optimizer"]
         white_box = checkpoint.network(network)
         self.teacher = query_only(copy.deepcopy(white_box), rt, data.image_size)
         self.quant = checkpoint.quantizer(white_box, rt, data.image_size, **quant)
@@ -219,11 +221,11 @@ class PairStage(Stage):
         return {"model": self.student, "policy": self.policy}
 
     def param_groups(self):
-        """The student at the recipe's lr, the policy at ``pairs.policy.lr`` (null: the same); the
-        schedule scales both alike."""
-        group = lambda module, **lr: {"params": [p for p in module.parameters() if p.requires_grad], **lr}  # noqa: E731
-        policy_lr = {} if self.policy_lr is None else {"lr": self.policy_lr}
-        return [group(self.student), group(self.policy, **policy_lr)]
+        """The student at the recipe's lr and optimiser, the policy at ``pairs.policy.lr`` and
+        ``pairs.policy.optimizer`` (null: the same); the schedule scales both alike."""
+        group = lambda module, **own: {"params": [p for p in module.parameters() if p.requires_grad], **own}  # noqa: E731
+        own = {k: v for k, v in (("lr", self.policy_lr), ("optimizer", self.policy_optimizer)) if v is not None}
+        return [group(self.student), group(self.policy, **own)]
 
     def train_mode(self):
         """BatchNorm keeps W's running statistics (eval mode; its affine weights still train)."""
@@ -286,7 +288,7 @@ class FrozenPolicyStage(PairStage):
         random policy)."""
         Stage.__init__(self, recipe, data, rt)
         self.arch, self.mode, self.margin = name, "detrimental", margin
-        self.profits, self.policy_lr = policy["profits"], None
+        self.profits, self.policy_lr, self.policy_optimizer = policy["profits"], None, None
         self.quant = checkpoint.quantizer(model.requires_grad_(False), rt, data.image_size, **quant)
         self.student = self.quant.model
         self.teacher = query_only(self.student, rt, data.image_size)
@@ -429,23 +431,27 @@ def lr_factor(step: int, total: int, warmup: int, floor: float) -> float:
 
 
 class _Run:
-    """The mutable state of one :func:`fit`: optimiser, schedule and progress, saved as a unit."""
+    """The mutable state of one :func:`fit`: optimisers (one per kind the parameter groups name,
+    in order of first use), their schedules and progress, saved as a unit."""
 
     def __init__(self, stage: Stage, steps_per_epoch: int):
         recipe = stage.recipe
-        groups = stage.param_groups()
-        self.params = [p for group in groups for p in group["params"]]
-        self.optimizer = recipe.optimizer_for(groups)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(
-            lr_factor, total=recipe.epochs * steps_per_epoch, warmup=round(recipe.warmup_epochs * steps_per_epoch),
-            floor=recipe.min_lr / recipe.lr))
+        kinds: dict[str, list[dict]] = {}
+        for group in stage.param_groups():
+            group = dict(group)
+            kinds.setdefault(group.pop("optimizer", None) or recipe.optimizer, []).append(group)
+        self.params = [p for groups in kinds.values() for group in groups for p in group["params"]]
+        self.optimizers = [recipe.optimizer_for(groups, kind) for kind, groups in kinds.items()]
+        factor = functools.partial(lr_factor, total=recipe.epochs * steps_per_epoch,
+                                   warmup=round(recipe.warmup_epochs * steps_per_epoch), floor=recipe.min_lr / recipe.lr)
+        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(optimizer, factor) for optimizer in self.optimizers]
         self.state = {"epoch": 0, "step": 0, "history": [], "best": None, "best_objective": math.inf,
                       "running": [0.0, 0.0, 0]}
 
     def save(self, stage: Stage, resume: Path) -> None:
         weights = {name: module.state_dict() for name, module in stage.modules().items()}
-        checkpoint.save({"kind": f"{stage.name}-resume", **weights, "optimizer": self.optimizer.state_dict(),
-                         "scheduler": self.scheduler.state_dict(), "rng": _rng_state(), **self.state}, resume)
+        checkpoint.save({"kind": f"{stage.name}-resume", **weights, "optimizers": [o.state_dict() for o in self.optimizers],
+                         "schedulers": [s.state_dict() for s in self.schedulers], "rng": _rng_state(), **self.state}, resume)
 
 
 def _restore(stage: Stage, run: _Run, resume: Path) -> None:
@@ -456,8 +462,10 @@ def _restore(stage: Stage, run: _Run, resume: Path) -> None:
                             recover=f"delete {resume} to start this stage again from scratch (its progress is lost)")
     for name, module in stage.modules().items():
         module.load_state_dict(saved[name])
-    run.optimizer.load_state_dict(saved["optimizer"])
-    run.scheduler.load_state_dict(saved["scheduler"])
+    for optimizer, state in zip(run.optimizers, saved["optimizers"], strict=True):
+        optimizer.load_state_dict(state)
+    for scheduler, state in zip(run.schedulers, saved["schedulers"], strict=True):
+        scheduler.load_state_dict(state)
     run.state = {k: saved[k] for k in run.state}
     _set_rng_state(saved["rng"])
     print(f"{stage.name}: resuming from {resume} at epoch {run.state['epoch'] + 1}, step {run.state['step']}",
@@ -490,7 +498,8 @@ def _epoch(stage: Stage, run: _Run, loader, total_steps: int, sigterm: _Sigterm,
         if recipe.mixup_alpha:
             images = mixup(images, recipe.mixup_alpha)[0]
         loss, correct = stage.loss(images, labels)
-        run.optimizer.zero_grad(set_to_none=True)
+        for optimizer in run.optimizers:
+            optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # the one host sync of a step, after the backward is queued: a non-finite loss must
         # not reach the weights (a NaN policy would also break the knapsack of the next step)
@@ -500,8 +509,9 @@ def _epoch(stage: Stage, run: _Run, loader, total_steps: int, sigterm: _Sigterm,
                                 f"lower the learning rate or check the data")
         if recipe.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(run.params, recipe.grad_clip)
-        run.optimizer.step()
-        run.scheduler.step()
+        for optimizer, scheduler in zip(run.optimizers, run.schedulers):
+            optimizer.step()
+            scheduler.step()
         state["step"] += 1
         pending.append((len(labels), loss.detach(), correct))
         if time.perf_counter() - last_sync >= 1.0 or sigterm.received:
@@ -552,7 +562,7 @@ def fit(stage: Stage, seed: int, out: str | Path, metrics: str | Path) -> None:
             start = _epoch(stage, run, loader, len(order), sigterm, resume, out)
             running = state["running"]
             row = {"epoch": epoch + 1, "loss": running[0] / max(running[2], 1), "train_acc": 100 * running[1] / max(running[2], 1),
-                   "lr": run.optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - start, 3)}
+                   "lr": run.optimizers[0].param_groups[0]["lr"], "seconds": round(time.perf_counter() - start, 3)}
             if val_loader is not None:
                 row.update(stage.validate(val_loader))
             state["history"].append(row)

@@ -173,6 +173,27 @@ def test_policy_lr_sets_the_policys_group_only(cfg, network, tmp_path):
     assert not all(torch.equal(default["policy"][k], faster["policy"][k]) for k in default["policy"])
 
 
+def test_policy_optimizer_sets_the_policys_own(cfg, network, tmp_path, monkeypatch):
+    """pairs.policy.optimizer: null and the pairs' own kind give the same pair (one optimiser); sgd
+    under a network on adamw gives AdamW over the student and SGD over the policy, at its lr and
+    the pairs' momentum."""
+    kind = config.section_for(cfg, "pairs", "resnet18")["optimizer"]
+    assert_same_weights(pair(cfg, network, tmp_path / "a.pt"),
+                        pair(config.merge(cfg, {"pairs": {"policy": {"optimizer": kind}}}), network, tmp_path / "b.pt"))
+    runs, real = [], train._Run.__init__
+
+    def spy(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        runs.append(self)
+    monkeypatch.setattr(train._Run, "__init__", spy)
+    pair(config.merge(cfg, MIXED), network, tmp_path / "mixed.pt")
+    student, policy_ = runs[0].optimizers
+    assert isinstance(student, torch.optim.AdamW) and type(policy_) is torch.optim.SGD
+    assert student.param_groups[0]["initial_lr"] == 1e-4 and policy_.param_groups[0]["initial_lr"] == 0.03
+    assert policy_.defaults["momentum"] == cfg["pairs"]["momentum"]
+    assert len(runs[0].params) == sum(len(g["params"]) for o in runs[0].optimizers for g in o.param_groups)
+
+
 def test_even_start_trains_from_the_even_allocation(cfg, network, tmp_path, monkeypatch):
     """pairs.policy.start: even: the policy that enters training starts at even_profits (BitPolicy.start_at)."""
     seen = []
@@ -188,9 +209,14 @@ def test_even_start_trains_from_the_even_allocation(cfg, network, tmp_path, monk
     assert weight == 0.0 and torch.equal(bias, policy.even_profits(20, options, capacity).flatten())
 
 
-@pytest.mark.parametrize("how", ["killed", "sigterm"])
-def test_resume_equals_uninterrupted(cfg, network, tmp_path, monkeypatch, how):
+# the network on AdamW, the policy on SGD at its own lr: two optimisers, both saved and restored
+MIXED = {"pairs": {"optimizer": "adamw", "lr": 1e-4, "weight_decay": 0.0, "policy": {"optimizer": "sgd", "lr": 0.03}}}
+
+
+@pytest.mark.parametrize("how, overlay", [("killed", {}), ("sigterm", {}), ("sigterm", MIXED)])
+def test_resume_equals_uninterrupted(cfg, network, tmp_path, monkeypatch, how, overlay):
     """Interrupted in epoch 2 (after its first step), then re-run: the same final weights."""
+    cfg = config.merge(cfg, overlay)
     uninterrupted = pair(cfg, network, tmp_path / "full.pt")
     out = tmp_path / "cut.pt"
     real_loss = train.PairStage.loss
