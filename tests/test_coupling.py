@@ -148,27 +148,35 @@ def test_curves_and_summary_shape_and_the_clean_control(problem, attackers):
 
 
 def test_the_range_guard_serves_the_loud_inputs_alone_and_the_adaptive_attacker_stays_quiet(problem, attackers):
-    """The guard's threshold is its quantile of the calibration scores; behind it the crude input
-    costs its mates nothing (it is served alone), and the adaptive attacker, kept under the
-    threshold, takes no more than the threshold's bits."""
+    """The guard's threshold is its quantile of the calibration scores; behind a guard that admits
+    every clean image, the crude input costs its mates nothing (it is served alone), and the adaptive
+    attacker, kept under the threshold, is admitted and served as before."""
     q, fit, evaluation = problem["quant"], normalize(problem["fit"]), normalize(problem["eval"])
     guard = coupling.RangeGuard.fit(q, fit, 99.0)
     scores = coupling.bits_taken(q, fit, guard.median)
     assert guard.threshold == pytest.approx(float(torch.quantile(scores, 0.99)))
-    assert coupling.RangeGuard.fit(q, fit, 100.0, 1.5).threshold == pytest.approx(1.5 * float(scores.max()))
     assert (scores > guard.threshold).sum() == 3  # 1 % of 256, rounded up by the interpolation
-    assert guard.alone(q, evaluation).float().mean() < 0.03
+    # Fit and evaluation images are exchangeable, so the count of evaluation images above the 99th
+    # percentile of 256 calibration scores is beta-binomial(256, 3, 254): at most 15 with
+    # probability 0.999 (at most 7, 1 % nominal plus noise, fails on one CPU in 20: it did on one).
+    assert int(guard.alone(q, evaluation).sum()) <= 15
+    # A guard with headroom (1.5 x the largest calibration score) serves no clean image alone, so
+    # its rows differ from the unguarded ones only where an attacker is flagged.
+    guard = coupling.RangeGuard.fit(q, fit, 100.0, 1.5)
+    assert guard.threshold == pytest.approx(1.5 * float(scores.max()))
+    assert not guard.alone(q, evaluation).any()
     assert bool(guard.alone(q, normalize(attackers["crude"][None])))
     scores_eval = guard.scores(q, evaluation)
-    start = problem["eval"][int(scores_eval.masked_fill(scores_eval > guard.threshold, float("-inf")).argmax())]
+    start = problem["eval"][int(scores_eval.argmax())]
     adaptive = coupling.craft(q, problem["fit"], normalize, init=start, bits=4, steps=40, lr=0.02, guard=guard)
     assert not bool(guard.alone(q, normalize(adaptive[None])))
     run = coupling.simulator_runner(q, bits=4)
     df = coupling.curves(run, problem["eval"], problem["labels"], {"crude": attackers["crude"], "adaptive": adaptive},
                          normalize, batch_sizes=(32,), batches=8, seed=0, served_alone=lambda x: guard.alone(q, x))
     drop = tables.coupling_drops(df, ("guarded", "kind")).set_index(["guarded", "kind"])["drop"]
+    assert drop[(True, "none")] == drop[(False, "none")]
     assert drop[(False, "crude")] > 15 and abs(drop[(True, "crude")] - drop[(False, "none")]) < 1  # 31 clean mates
-    assert drop[(True, "adaptive")] == pytest.approx(drop[(False, "adaptive")], abs=0.01)  # admitted: served as before
+    assert drop[(True, "adaptive")] == drop[(False, "adaptive")]  # admitted: served as before
     assert drop[(False, "adaptive")] < drop[(False, "crude")] - 10
 
 
