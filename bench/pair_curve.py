@@ -32,7 +32,7 @@ class WatchedPair(train.PairStage):
 
     def __init__(self, *args, test_loader, **kwargs):
         super().__init__(*args, **kwargs)
-        self.test_loader, self.met, self.seen, self.bits = test_loader, 0, 0, []
+        self.test_loader, self.met, self.seen = test_loader, 0, 0
 
     def loss(self, images, labels):
         x = self.inputs(images)
