@@ -22,6 +22,7 @@ import torch
 
 from dptq import budgets, checkpoint, config
 from dptq.analysis import subset_loader, Job
+from dptq.audit import sensitivity
 from dptq.data import network_input
 from dptq.evaluate import random_policy
 from dptq.policy import allocate
@@ -41,12 +42,6 @@ def _accuracy(quant, loader, job, bits_of=None, mask=None):
 
 def _constant(n, value):
     return lambda x: torch.full((x.shape[0], n), float(value), device=x.device)
-
-
-def sensitivity(quant, loader, job, low: int) -> list[float]:
-    """Accuracy with layer l alone at ``low`` bits, l = 1..N."""
-    n = quant.num_layers
-    return [_accuracy(quant, loader, job, _constant(n, low), [i == layer for i in range(n)]) for layer in range(n)]
 
 
 def greedy_bits(order: list[int], options: list[int], capacity: int) -> list[int]:
@@ -109,7 +104,7 @@ def main():
                                      pairs["budget_offset"][args.version])
     print(f"{args.network}: N = {white.num_layers}, options {options}, C = {capacity}, split {args.split}")
     fp = _accuracy(white, loader, job)
-    sens = sensitivity(white, loader, job, options[0])
+    sens = sensitivity(job, white, loader, options[0])
     drops = [fp - s for s in sens]
     order = sorted(range(len(drops)), key=lambda layer: -drops[layer])
     names = {id(m): n for n, m in white.model.named_modules()}

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from dptq import checkpoint, config, evaluate
-from dptq.data import Data, network_input
+from dptq import analysis, checkpoint, config, evaluate
+from dptq.audit import sensitivity
+from dptq.data import network_input
 from dptq.policy import allocate
 from dptq.runtime import Runtime
 
@@ -37,17 +38,6 @@ def lowest_share(pair: checkpoint.Pair, loader, rt: Runtime, profits: str) -> to
     return counts / seen
 
 
-@torch.no_grad()
-def one_layer_at(quant, loader, rt: Runtime, bits: int, layer: int, labels: torch.Tensor) -> float:
-    """Accuracy with layer ``layer`` alone quantized at ``bits`` (the others in full precision)."""
-    mask = [i == layer for i in range(quant.num_layers)]
-    preds = []
-    for images, _ in loader:
-        x = network_input(images, rt)
-        preds.append(quant(x, torch.full((len(x), quant.num_layers), float(bits)), mask).argmax(1).cpu())
-    return evaluate.accuracy(torch.cat(preds), labels)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", required=True)
@@ -59,10 +49,10 @@ def main():
     parser.add_argument("--top", type=int, default=5)
     args = parser.parse_args()
     cfg = config.check(config.load(args.configfile), " + ".join(args.configfile))
-    rt, data = Runtime(0, **cfg["runtime"]), Data(**cfg["dataset"])
+    job = analysis.Job.from_config(0, cfg)
+    rt, data, profits = job.rt, job.data, job.profits
     torch.set_num_threads(cfg["runtime"]["threads"])
-    loader = data.loader(data.build("test"), cfg["evaluate"]["batch_size"], rt)
-    profits = cfg["pairs"]["policy"]["profits"]
+    loader = data.loader(data.build("test"), job.batch_size, rt)
     version, budget = args.cell.split("-")
     cell_dir = Path(args.pairs) / f"seed{args.seed}" / args.arch / version / budget
     white = checkpoint.white_box(Path(args.checkpoints) / f"seed{args.seed}" / "distill" / f"{args.arch}.pt",
@@ -70,7 +60,6 @@ def main():
     pairs = {m: checkpoint.pair(cell_dir / f"{m}.pt", rt, data.image_size, cfg["quant"]) for m in ("robust", "detrimental")}
     nets = {"W": white, "R": pairs["robust"].quant, "D": pairs["detrimental"].quant}
     options, capacity = pairs["robust"].options, pairs["robust"].capacity
-    labels = evaluate.predict(white, loader, rt)[1]
     policies = {"π_R": pairs["robust"].policy, "π_D": pairs["detrimental"].policy,
                 "random": evaluate.random_policy(white.num_layers, len(options), args.seed)}
 
@@ -84,8 +73,7 @@ def main():
 
     low = min(options)
     share = {m: lowest_share(p, loader, rt, profits) for m, p in pairs.items()}
-    sens = {n: torch.tensor([one_layer_at(nets[n], loader, rt, low, i, labels) for i in range(white.num_layers)])
-            for n in ("W", "D")}
+    sens = {n: torch.tensor(sensitivity(job, nets[n], loader, low)) for n in ("W", "D")}
     order = torch.argsort(sens["W"])
     print(f"\nper layer, W's most sensitive first: share at {low} bits under π_D / π_R; W and D with the layer alone at {low} bits")
     for i in order.tolist():

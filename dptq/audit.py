@@ -126,7 +126,7 @@ class Context:
 
 # --- the simulated worst case --------------------------------------------------------------------
 
-def sensitivity(ctx: Context, quant, loader, bits: int) -> list[float]:
+def sensitivity(job: analysis.Job, quant, loader, bits: int, normalize=data.normalize) -> list[float]:
     """Accuracy with layer l alone quantized at ``bits`` (the rest FP), for every l, on ``loader``."""
     n = quant.num_layers
     masks = [analysis.scan_masks(n, "single", layer) for layer in range(1, n + 1)]
@@ -135,7 +135,7 @@ def sensitivity(ctx: Context, quant, loader, bits: int) -> list[float]:
         b = torch.full((x.shape[0], n), float(bits), device=x.device)
         return torch.stack([quant(x, b, mask).argmax(1) for mask in masks])
 
-    return analysis.accuracies(loader, ctx.job, run, desc="sensitivity", normalize=ctx.normalize).tolist()
+    return analysis.accuracies(loader, job, run, desc="sensitivity", normalize=normalize).tolist()
 
 
 def masked_accuracies(ctx: Context, quant, loader, policies: Mapping[str, tuple], masks: Sequence[Sequence[bool]]
@@ -279,7 +279,7 @@ def simulate(ctx: Context, model: nn.Module, simulated, name: str, cells: Sequen
     with _timed(seconds, "sensitivity"):
         subset_fp_acc = analysis.accuracies(subset, ctx.job, lambda x: simulated.model(x).argmax(1)[None],
                                             normalize=ctx.normalize).item()
-        scan = sensitivity(ctx, simulated, subset, low)
+        scan = sensitivity(ctx.job, simulated, subset, low, ctx.normalize)
         drops = [subset_fp_acc - a for a in scan]
         order = fragility_order(drops)
     with _timed(seconds, "policies"):
