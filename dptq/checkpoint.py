@@ -94,11 +94,11 @@ class Pair:
 
 
 def quantizer(model: torch.nn.Module, rt, image_size: int, *, weight_bits: int, activation_scale: str,
-              percentile: float) -> DynamicQuant:
+              percentile: float, range_grad: bool) -> DynamicQuant:
     """``model`` on the job's device wrapped for quantized runs (the config's ``quant`` section)."""
     model = rt.to_device(model, image_size).eval()
     return DynamicQuant(model, weight_bits=weight_bits, scale_rule=activation_scale, percentile=percentile,
-                        image_size=image_size)
+                        image_size=image_size, range_grad=range_grad)
 
 
 def white_box(path: str | Path, rt, image_size: int, quant: Mapping, arch: str | None = None) -> DynamicQuant:

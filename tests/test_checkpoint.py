@@ -12,7 +12,7 @@ from dptq.runtime import Runtime
 
 torch.set_num_threads(1)
 ARCH = "test_resnet"
-QUANT = {"weight_bits": 8, "activation_scale": "percentile", "percentile": 99.0}
+QUANT = {"weight_bits": 8, "activation_scale": "percentile", "percentile": 99.0, "range_grad": True}
 
 
 class Exploit:
@@ -93,7 +93,7 @@ def test_pair_is_loaded_with_the_cell_it_was_trained_for(tmp_path):
     assert isinstance(pair, checkpoint.Pair) and pair.arch == ARCH and pair.cell == cell
     assert pair.capacity == 4 * n + 1 and pair.options == list(range(3, 11)) and pair.quant.num_layers == n
     assert isinstance(pair.quant, DynamicQuant) and not pair.quant.model.training and not pair.policy.training
-    assert (pair.quant.weight_bits, pair.quant.scale_rule, pair.quant.percentile) == (8, "percentile", 99.0)
+    assert (pair.quant.weight_bits, pair.quant.scale_rule, pair.quant.percentile, pair.quant.range_grad) == (8, "percentile", 99.0, True)
     stored = checkpoint.load(path)["policy"]
     assert all(torch.equal(v, stored[k]) for k, v in pair.policy.state_dict().items())
     assert pair.policy(torch.zeros(2, 3, 16, 16)).shape == (2, n, 8)
