@@ -126,7 +126,7 @@ def test_policy_learnt_against_a_frozen_network_beats_the_random_policy(tmp_path
     policy_cfg = {**cfg["audit"]["policy"], "start": "random", "lr": 0.03}  # the default lr suits the greedy start
     recipe = train.recipe(policy_cfg, 256, grad_clip=cfg["pairs"]["grad_clip"], select_best=True)
     cell = dict(version="I", budget="A", bit_range=[2, 8], level=5.0, offset=0)
-    quant = {"weight_bits": 16, "activation_scale": "minmax", "percentile": 99.9, "range_grad": False}
+    quant = cfg["quant"]
     policy = {**cfg["pairs"]["policy"], "input_size": 16, "width": 8}
     stage = train.FrozenPolicyStage(recipe, digits, rt, net, "small", cell, quant, policy, policy_cfg["margin"])
     train.fit(stage, 0, tmp_path / "policy.pt", tmp_path / "policy.csv")
@@ -147,7 +147,7 @@ def test_the_policy_stays_at_its_start_unless_an_epoch_beats_it(tmp_path, monkey
     rt, digits = Runtime(0, **cfg["runtime"]), data.Data(**cfg["dataset"])
     recipe = train.recipe({**cfg["audit"]["policy"], "epochs": 1, "lr": 0.1}, 256, grad_clip=None, select_best=True)
     cell = dict(version="I", budget="A", bit_range=[2, 8], level=5.0, offset=0)
-    quant = {"weight_bits": 16, "activation_scale": "minmax", "percentile": 99.9, "range_grad": False}
+    quant = cfg["quant"]
     policy = {**cfg["pairs"]["policy"], "input_size": 16, "width": 8}
     start = greedy_profits([0.0, 4.0, 1.0, 3.0, 2.0], range(2, 9))
     images = torch.rand(4, 3, 16, 16)
