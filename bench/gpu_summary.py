@@ -91,9 +91,10 @@ class Summary:
     def mckp(self) -> None:
         txt = self.text("mckp")
         k = re.search(r"K=(\d+)", txt)
-        hit = re.search(r"^\S+\s+77\s+(\d+)\s+256\s+([\d.]+)", txt, re.M)
+        hit = re.search(r"^\S+\s+77\s+(\d+)\s+256\s+([\d.]+).*\s(\w+)$", txt, re.M)
         ms = hit and float(hit[2])
-        self.row(f"MCKP per batch of 256, N = 77, K = {k[1] if k else '?'}, C = {hit[1] if hit else '?'}", "mckp", ms,
+        self.row(f"MCKP per batch of 256, N = 77, K = {k[1] if k else '?'}, C = {hit[1] if hit else '?'}, "
+                 f"the program's allocation: {hit[3] if hit else '?'}", "mckp", ms,
                  judged(ms, AT_MOST, 1, " ms"), " ms")
 
     def projection(self) -> None:

@@ -12,6 +12,7 @@ the backward pass: ``M + (P - P.detach())``.
 """
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 
 import torch
@@ -24,7 +25,26 @@ def solve(profits: Tensor, options: Sequence[int], capacity: int) -> Tensor:
     """One-hot allocation ``[B, N, K]`` maximising total profit with Σ bits = ``capacity``.
 
     ``profits`` is ``[B, N, K]`` (column k is option ``options[k]``). Raises ``ValueError``
-    naming N, the options and the capacity when no allocation sums to it.
+    naming N, the options and the capacity when no allocation sums to it. On a GPU with Triton
+    (float32 or narrower profits) the program runs as one kernel (:mod:`dptq.mckp_kernel`), else
+    as :func:`dp_picks`; both give the same allocation.
+    """
+    if profits.dim() != 3 or profits.shape[2] != len(options):
+        raise ValueError(f"profits must be [B, N, K={len(options)}], got {tuple(profits.shape)}")
+    if len(set(options)) != len(options):
+        raise ValueError(f"options must be distinct, got {list(options)}")
+    check_feasible(profits.shape[1], options, int(capacity))
+    if profits.is_cuda and profits.dtype != torch.float64 and importlib.util.find_spec("triton") is not None:
+        from . import mckp_kernel
+        chosen = mckp_kernel.picks(profits, options, capacity)
+    else:
+        chosen = dp_picks(profits, options, capacity)
+    onehot = torch.nn.functional.one_hot(chosen, len(options)).to(profits.dtype)
+    return onehot + (profits - profits.detach())
+
+
+def dp_picks(profits: Tensor, options: Sequence[int], capacity: int) -> Tensor:
+    """Option index ``[B, N]`` of the exact allocation, by the batched program (checked input).
 
     Layer n only visits the totals that can still reach C' (the band
     max(0, C' - (N-n-1)·w_max) .. min((n+1)·w_max, C')), and reads V(c - w) for every weight w at
@@ -32,12 +52,7 @@ def solve(profits: Tensor, options: Sequence[int], capacity: int) -> Tensor:
     the backtrack is one gather per layer. Every per-layer step is a handful of tensor operations,
     whatever the batch: the solver's cost is dispatch, not arithmetic, at these sizes.
     """
-    if profits.dim() != 3 or profits.shape[2] != len(options):
-        raise ValueError(f"profits must be [B, N, K={len(options)}], got {tuple(profits.shape)}")
-    if len(set(options)) != len(options):
-        raise ValueError(f"options must be distinct, got {list(options)}")
     batch, num_layers, num_options = profits.shape
-    check_feasible(num_layers, options, int(capacity))
     device = profits.device
     weights = [o - min(options) for o in options]
     w_max = max(weights)
@@ -68,8 +83,7 @@ def solve(profits: Tensor, options: Sequence[int], capacity: int) -> Tensor:
         pick = choice.gather(1, column)
         picks.append(pick)
         total = column.add_(pick).add_(lo - span + 1)
-    onehot = torch.nn.functional.one_hot(option_at[torch.cat(picks[::-1], 1)], num_options).to(profits.dtype)
-    return onehot + (profits - profits.detach())
+    return option_at[torch.cat(picks[::-1], 1)]
 
 
 def bits_of(allocation: Tensor, options: Sequence[int]) -> Tensor:

@@ -110,4 +110,5 @@ def test_gpu_sh_on_the_cpu(tmp_path):
     assert {k: sum(r.startswith(f"| {k}") for r in rows) for k in expected} == expected and len(rows) == 22
     assert not any("— (" in r for r in rows), summary  # every number is there
     assert sum("| n/a on cpu |" in r for r in rows) == 3
+    assert "the program's allocation: True" in summary
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["summary.md", *(f"{step}.txt" for step in steps)])

@@ -1,5 +1,7 @@
 """dptq.mckp against brute force (small N) and an integer program (real sizes)."""
+import importlib
 import itertools
+import sys
 
 import numpy as np
 import pytest
@@ -106,3 +108,32 @@ def test_infeasible_capacity_names_everything(capacity):
 def test_unreachable_inside_range():
     with pytest.raises(ValueError, match="capacity 5"):
         mckp.solve(torch.randn(1, 2, 2), [2, 4], 5)  # 4..8 but only even totals
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+    """:mod:`dptq.mckp_kernel` under Triton's interpreter (the CPU runs the kernel's program as
+    written), imported afresh so that the setting takes."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delitem(sys.modules, "dptq.mckp_kernel", raising=False)
+    module = importlib.import_module("dptq.mckp_kernel")
+    yield module
+    sys.modules.pop("dptq.mckp_kernel", None)
+
+
+@pytest.mark.parametrize("n,options,level,tied", [(4, [2, 5, 9], 5.0, True), (20, list(range(3, 11)), 5.5, True),
+                                                  (77, list(range(3, 11)), 5.5, False), (59, [6, 4, 10, 8], 6.5, True)])
+def test_kernel_gives_the_programs_allocation(kernel, n, options, level, tied):
+    """The GPU kernel's allocation equals the batched program's, ties and unsorted options
+    included, and its total profit the integer program's."""
+    capacity = int(round(level * n))
+    gen = torch.Generator().manual_seed(n)
+    profits = (torch.randint(0, 3, (3, n, len(options)), generator=gen).float() if tied
+               else torch.randn(3, n, len(options), generator=gen))
+    chosen = kernel.picks(profits, options, capacity)
+    assert torch.equal(chosen, mckp.dp_picks(profits, options, capacity))
+    onehot = torch.nn.functional.one_hot(chosen, len(options)).float()
+    check_allocation(onehot, options, capacity)
+    ours = (onehot[0] * profits[0]).sum().item()
+    assert ours == pytest.approx(integer_program(profits[0].double().numpy(), options, capacity), abs=1e-4)
