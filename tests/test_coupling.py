@@ -48,7 +48,13 @@ def problem():
     q = quant.DynamicQuant(net, scale_rule="batch", range_grad=True, image_size=SIZE)
     fit, evaluation = synthetic(256, 1)[0], synthetic(256, 2)[0]
     with torch.no_grad():
-        labels = net(normalize(evaluation)).argmax(1)
+        logits = net(normalize(evaluation))
+    # Near-ties (top two logits within 0.1; 20 of 256) flip under 8-bit rounding on one CPU and not on
+    # another (two did on an AMD EPYC with VNNI): left out, so that the clean control's agreement
+    # with FP is the method's, not the CPU's rounding.
+    top2 = logits.topk(2, 1).values
+    keep = top2[:, 0] - top2[:, 1] >= 0.1
+    evaluation, labels = evaluation[keep], logits[keep].argmax(1)
     return {"net": net, "quant": q, "fit": fit, "eval": evaluation, "labels": labels}
 
 
@@ -157,7 +163,7 @@ def test_the_range_guard_serves_the_loud_inputs_alone_and_the_adaptive_attacker_
     assert guard.threshold == pytest.approx(float(torch.quantile(scores, 0.99)))
     assert (scores > guard.threshold).sum() == 3  # 1 % of 256, rounded up by the interpolation
     # Fit and evaluation images are exchangeable, so the count of evaluation images above the 99th
-    # percentile of 256 calibration scores is beta-binomial(256, 3, 254): at most 15 with
+    # percentile of 256 calibration scores is beta-binomial(n ≤ 256, 3, 254): at most 15 with
     # probability 0.999 (at most 7, 1 % nominal plus noise, fails on one CPU in 20: it did on one).
     assert int(guard.alone(q, evaluation).sum()) <= 15
     # A guard with headroom (1.5 x the largest calibration score) serves no clean image alone, so
