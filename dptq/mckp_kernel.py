@@ -22,7 +22,8 @@ import triton.language as tl
 from torch import Tensor
 
 
-@triton.jit(do_not_specialize=["target"])  # C' = 1 would otherwise become a constant and the backtrack's total change type
+# not specialised on C': at C' = 1 it would become a constant, and the backtrack's total would change type
+@triton.jit(do_not_specialize=["target"])
 def _knapsack(profits, weights, values, choices, picks, num_layers, num_options, target, BLOCK: tl.constexpr):
     b = tl.program_id(0)
     total = tl.arange(0, BLOCK)
@@ -61,7 +62,7 @@ def picks(profits: Tensor, options: Sequence[int], capacity: int) -> Tensor:
     target = int(capacity) - num_layers * min(options)
     block = triton.next_power_of_2(target + 1)
     values = torch.empty(batch, block, device=device)
-    choices = torch.empty(batch, num_layers, block, dtype=torch.int8, device=device)
+    choices = torch.empty(batch, num_layers, block, dtype=torch.int8, device=device)  # K ≤ 32: distinct bit-widths
     chosen = torch.empty(batch, num_layers, dtype=torch.int32, device=device)
     _knapsack[(batch,)](profits.detach().float()[:, :, order].contiguous(), weights, values, choices, chosen,
                         num_layers, num_options, target, BLOCK=block)
