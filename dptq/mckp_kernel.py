@@ -14,6 +14,7 @@ for checking only.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -52,13 +53,21 @@ def _knapsack(profits, weights, values, choices, picks, num_layers, num_options,
         left = left - tl.load(weights + k)
 
 
+@functools.lru_cache
+def _layout(options: tuple[int, ...], device: torch.device) -> tuple[list[int], Tensor, Tensor]:
+    """The options largest first (the tie rule), their positions and weights o_k − min(o) on
+    ``device``: made once per cell, not copied to the device on every solve."""
+    order = sorted(range(len(options)), key=lambda k: -options[k])
+    weights = torch.tensor([options[k] - min(options) for k in order], dtype=torch.int32, device=device)
+    return order, torch.tensor(order, device=device), weights
+
+
 def picks(profits: Tensor, options: Sequence[int], capacity: int) -> Tensor:
     """Option index ``[B, N]`` of the exact allocation (float32 ``profits`` ``[B, N, K]``, a
     feasible ``capacity``: :func:`dptq.mckp.solve` checks both)."""
     batch, num_layers, num_options = profits.shape
-    order = sorted(range(num_options), key=lambda k: -options[k])  # largest option first: the tie rule
     device = profits.device
-    weights = torch.tensor([options[k] - min(options) for k in order], dtype=torch.int32, device=device)
+    order, position, weights = _layout(tuple(options), device)
     target = int(capacity) - num_layers * min(options)
     block = triton.next_power_of_2(target + 1)
     values = torch.empty(batch, block, device=device)
@@ -66,4 +75,4 @@ def picks(profits: Tensor, options: Sequence[int], capacity: int) -> Tensor:
     chosen = torch.empty(batch, num_layers, dtype=torch.int32, device=device)
     _knapsack[(batch,)](profits.detach().float()[:, :, order].contiguous(), weights, values, choices, chosen,
                         num_layers, num_options, target, BLOCK=block)
-    return torch.tensor(order, device=device)[chosen.long()]
+    return position[chosen.long()]
