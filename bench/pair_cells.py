@@ -28,7 +28,7 @@ def _train(job):
     torch.set_num_threads(cfg["runtime"]["threads"])
     train.train_pair(seed, arch, version, budget, mode, network, out, out.with_suffix(".csv"),
                      dataset=cfg["dataset"], runtime=cfg["runtime"], quant=cfg["quant"],
-                     pairs=config.section_for(cfg, "pairs", arch, mode), temperature=cfg["kd"]["temperature"],
+                     pairs=config.section_for(cfg, "pairs", arch, mode, version), temperature=cfg["kd"]["temperature"],
                      val_batch_size=cfg["evaluate"]["batch_size"])
     return out
 

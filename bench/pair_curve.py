@@ -83,17 +83,17 @@ def main():
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     cfg = config.load(args.configfile)
-    pairs = config.section_for(cfg, "pairs", args.arch, args.mode)
+    version, budget = config.cells(cfg["pairs"], [args.cell])[args.cell]
+    pairs = config.section_for(cfg, "pairs", args.arch, args.mode, version)
     pairs["epochs"] = args.epochs or pairs["epochs"]
     pairs["alpha"] = pairs["alpha"] if args.alpha is None else args.alpha
-    version, budget = config.cells(cfg["pairs"], [args.cell])[args.cell]
     rt, digits = Runtime(args.seed, **cfg["runtime"]), Data(**cfg["dataset"])
     test = digits.loader(digits.build("test"), cfg["evaluate"]["batch_size"], rt)
     network = checkpoint.load(Path(args.checkpoints) / f"seed{args.seed}" / "distill" / f"{args.arch}.pt", kind="distill")
     cell = dict(version=version, budget=budget, mode=args.mode, bit_range=pairs["versions"][version],
                 level=pairs["budgets"][budget], offset=pairs["budget_offset"][version])
     recipe = train.recipe(pairs, cfg["evaluate"]["batch_size"], grad_clip=pairs["grad_clip"], select_best=pairs["select_best"])
-    stage = WatchedPair(recipe, digits, rt, network, cell, cfg["quant"], pairs["policy"], pairs["margin"], pairs["alpha"],
+    stage = WatchedPair(recipe, digits, rt, network, cell, dict(cfg["quant"], range_grad=pairs["range_grad"]), pairs["policy"], pairs["margin"], pairs["alpha"],
                         pairs["beta"], cfg["kd"]["temperature"], pairs["objective"], test_loader=test)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -94,8 +94,9 @@ class Pair:
 
 
 def quantizer(model: torch.nn.Module, rt, image_size: int, *, weight_bits: int, activation_scale: str,
-              percentile: float, range_grad: bool) -> DynamicQuant:
-    """``model`` on the job's device wrapped for quantized runs (the config's ``quant`` section)."""
+              percentile: float, range_grad: bool = False) -> DynamicQuant:
+    """``model`` on the job's device wrapped for quantized runs (the config's ``quant`` section);
+    ``range_grad`` is a training choice (a pair's ``pairs.range_grad``): inference ignores it."""
     model = rt.to_device(model, image_size).eval()
     return DynamicQuant(model, weight_bits=weight_bits, scale_rule=activation_scale, percentile=percentile,
                         image_size=image_size, range_grad=range_grad)

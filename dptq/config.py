@@ -18,6 +18,8 @@ import jsonschema
 import yaml
 
 SCHEMA_NAME = "config.schema.yaml"
+# keys that moved, old path -> new path: an old profile is told where its key went
+MOVED = {"quant.range_grad": "pairs.range_grad"}
 
 
 class ConfigError(ValueError):
@@ -76,7 +78,9 @@ def _describe(error: jsonschema.ValidationError) -> str:
         allowed = sorted(sub.get("properties", {}))
         unknown = sorted(set(value) - set(allowed))
         if allowed:
-            hints = [f"'{k}' (did you mean '{m[0]}'?)" if (m := difflib.get_close_matches(k, allowed, 1)) else f"'{k}'" for k in unknown]
+            hints = [f"'{k}' (moved to {MOVED[moved]})" if (moved := f"{where}.{k}") in MOVED
+                     else f"'{k}' (did you mean '{m[0]}'?)" if (m := difflib.get_close_matches(k, allowed, 1)) else f"'{k}'"
+                     for k in unknown]
             return f"{where}: unknown key {', '.join(hints)}; allowed keys: {', '.join(allowed)}"
     if error.validator == "required":
         return f"{where}: {error.message}; every key of config.yaml must be present after the overlay"
@@ -205,6 +209,17 @@ def _cross_field_problems(cfg: Mapping):
                 if isinstance(entry, Mapping) and set(pairs["modes"]) - set(entry):
                     yield (f"{section}.{key}.{arch}: the map has no value for {sorted(set(pairs['modes']) - set(entry))} "
                            f"of pairs.modes; give one value per mode, or one value for both")
+    trained = sorted({version for version, _ in cells(pairs).values()})
+    for section, keys in PER_VERSION.items():
+        for key in keys:
+            value = at(cfg[section], key)
+            for arch, entry in value.items() if isinstance(value, Mapping) else ():
+                for mode, inner in entry.items() if isinstance(entry, Mapping) else ():
+                    # versions the grid does not train may be left out: a profile that trains its own cannot delete keys
+                    if isinstance(inner, Mapping) and set(trained) - set(inner):
+                        yield (f"{section}.{key}.{arch}.{mode}: the map has no value for version(s) "
+                               f"{sorted(set(trained) - set(inner))} of the grid's cells; give one value per "
+                               f"version of pairs.versions, or one value for all")
     yield from _objective_problems(cfg)
     yield from budgets.problems(cfg)
 
@@ -219,7 +234,7 @@ def _objective_problems(cfg: Mapping):
     pairs = cfg["pairs"]
     if "robust" not in pairs["modes"]:
         return
-    robust = [arch for arch in cfg["kd"]["archs"] if section_for(cfg, "pairs", arch, "robust")["objective"]["loss"] != "hinge"]
+    robust = [arch for arch in cfg["kd"]["archs"] if "target" in _values(section_for(cfg, "pairs", arch, "robust")["objective"]["loss"])]
     if robust:
         yield (f"pairs.objective.loss: the robust pairs of {robust} get 'target', the detrimental objective (it "
                f"drives the quantized cross-entropy up); give those archs {{robust: hinge, detrimental: target}}")
@@ -229,12 +244,15 @@ def _objective_problems(cfg: Mapping):
 # MobileNetV4 at batch 64; on digits it needs more distillation epochs and its pairs a lower
 # learning rate). A dotted name is a key inside a key of the section (``objective.loss``).
 OBJECTIVE = ("objective.loss", "objective.target", "objective.weight")
-PER_ARCH = {"kd": ("epochs", "batch_size"), "pairs": ("epochs", "lr", "alpha", *OBJECTIVE)}
+PER_ARCH = {"kd": ("epochs", "batch_size"), "pairs": ("epochs", "range_grad", "lr", "alpha", "beta", *OBJECTIVE)}
 # Of those, the settings whose value for an arch may be a map mode -> value: the KD weight holds
 # the detrimental pair's FP accuracy near W, which its hinge pulls away and the robust hinge does not;
 # the quantized term's objective differs between the modes when the detrimental one is the target penalty,
 # and so may the schedule (the hinge's detrimental pair at 4- and 5-bit floors needs more steps, bench/SCIENCE.md §8-9).
-PER_MODE = {"pairs": ("epochs", "alpha", *OBJECTIVE)}
+PER_MODE = {"pairs": ("epochs", "range_grad", "alpha", "beta", *OBJECTIVE)}
+# Of those, the settings whose value for an arch and mode may be a map version -> value: a recipe
+# that collapses D at a 4-bit floor can cost the 3-bit cell its FP (bench/SCIENCE.md §18).
+PER_VERSION = PER_MODE
 
 
 def at(section: Mapping, key: str):
@@ -280,14 +298,17 @@ def seeds(cfg: Mapping) -> list[int]:
     return [int(s) for s in seed] if isinstance(seed, Sequence) else [int(seed)]
 
 
-def section_for(cfg: Mapping, section: str, arch: str | None, mode: str | None = None) -> dict:
-    """``cfg[section]`` with every per-arch key of :data:`PER_ARCH` resolved for ``arch``, and
-    with ``mode`` given, every per-mode one of :data:`PER_MODE` for it."""
+def section_for(cfg: Mapping, section: str, arch: str | None, mode: str | None = None,
+                version: str | None = None) -> dict:
+    """``cfg[section]`` with every per-arch key of :data:`PER_ARCH` resolved for ``arch``; with
+    ``mode`` given, every per-mode one of :data:`PER_MODE` for it; with ``version`` too, every
+    per-version one of :data:`PER_VERSION` for that."""
     out = dict(cfg[section])
-    for key in PER_ARCH.get(section, ()):
-        out = _resolve(out, key, arch)
-    for key in PER_MODE.get(section, ()) if mode is not None else ():
-        out = _resolve(out, key, mode)
+    for levels, choice in ((PER_ARCH, arch), (PER_MODE, mode), (PER_VERSION, version)):
+        if choice is None:
+            break
+        for key in levels.get(section, ()):
+            out = _resolve(out, key, choice)
     return dict(out)
 
 

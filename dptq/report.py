@@ -38,7 +38,7 @@ from pandas.io.formats.style import Styler
 
 from . import claims
 from .audit_record import AuditResult
-from .config import cell_name, section_for
+from .config import cell_name, cells, section_for
 from .figures import MAX_HISTOGRAM_LAYERS, NETWORKS, figure_kind, figure_names, read
 from .models import num_quantizable_layers
 from .tables import bit_floor, ci95, coupling_drops
@@ -317,19 +317,28 @@ def _at_cell(means: Mapping, arch: str, cell: str | None, mode: str, quantity: s
     return "not run" if row is None else getattr(row, f"{quantity}_mean")
 
 
+def _per_version(config: Mapping, arch: str, mode: str, show) -> str:
+    """``show(pairs)`` for the pairs of ``arch`` and ``mode`` resolved at each version the grid
+    trains: one text where every version gives the same, else ``version: text`` per version."""
+    versions = dict.fromkeys(version for version, _ in cells(config["pairs"]).values())
+    texts = {v: str(show(section_for(config, "pairs", arch, mode, v))) for v in versions}
+    return next(iter(texts.values())) if len(set(texts.values())) == 1 else "; ".join(f"{v}: {t}" for v, t in texts.items())
+
+
 def _recipe(config: Mapping) -> dict:
-    """Per arch and mode, the quantized objective and the epochs its pairs were trained with
-    (``pairs.objective``, ``pairs.epochs``, resolved as the pair jobs resolve them), and the pairs
-    not trained with the paper's hinge: a number beside the paper's compares like with like only
-    under the paper's objective."""
+    """Per arch and mode, the quantized objective, the epochs and the range gradient its pairs were
+    trained with (``pairs.objective``, ``pairs.epochs``, ``pairs.range_grad``, resolved as the pair
+    jobs resolve them, per version where they differ), and the pairs not trained with the paper's
+    hinge: a number beside the paper's compares like with like only under the paper's objective."""
     rows, off_paper = [], []
     for arch in config["kd"]["archs"]:
         row = {"arch": arch}
         for mode in config["pairs"]["modes"]:
-            pairs = section_for(config, "pairs", arch, mode)
-            row[f"{mode}: objective"] = OBJECTIVES[pairs["objective"]["loss"]].format(**pairs["objective"])
-            row[f"{mode}: epochs"] = pairs["epochs"]
-            if pairs["objective"]["loss"] != "hinge":
+            objective = _per_version(config, arch, mode, lambda p: OBJECTIVES[p["objective"]["loss"]].format(**p["objective"]))
+            row[f"{mode}: objective"] = objective
+            row[f"{mode}: epochs"] = _per_version(config, arch, mode, lambda p: p["epochs"])
+            row[f"{mode}: range gradient"] = _per_version(config, arch, mode, lambda p: "on" if p["range_grad"] else "off")
+            if objective != OBJECTIVES["hinge"]:
                 off_paper.append(f"{arch} {mode}")
         rows.append(row)
     return {"table": _html(pd.DataFrame(rows), "recipe"), "off_paper": off_paper}

@@ -616,15 +616,15 @@ def train_pair(seed: int, arch: str, version: str, budget: str, mode: str, netwo
                metrics: str | Path, *, dataset: Mapping, runtime: Mapping, quant: Mapping, pairs: Mapping,
                temperature: float, val_batch_size: int) -> None:
     """``pairs``: the pairs section with this cell's version range, budget level and offset
-    (``versions.{version}``, ``budgets.{budget}``, ``budget_offset.{version}``) and per-arch and
-    per-mode values resolved."""
+    (``versions.{version}``, ``budgets.{budget}``, ``budget_offset.{version}``) and per-arch,
+    per-mode and per-version values resolved; its ``range_grad`` sets the quantizer's."""
     rt, data = Runtime(seed, **runtime), Data(**dataset)
     ckpt = checkpoint.load(network, kind="distill", arch=arch, recover=f"re-run the distillation of {arch}")
     cell = dict(version=version, budget=budget, mode=mode, bit_range=pairs["versions"][version],
                 level=pairs["budgets"][budget], offset=pairs["budget_offset"][version])
     stage_recipe = recipe(pairs, val_batch_size, grad_clip=pairs["grad_clip"], select_best=pairs["select_best"])
-    stage = PairStage(stage_recipe, data, rt, ckpt, cell, quant, pairs["policy"], pairs["margin"], pairs["alpha"],
-                      pairs["beta"], temperature, pairs["objective"])
+    stage = PairStage(stage_recipe, data, rt, ckpt, cell, dict(quant, range_grad=pairs["range_grad"]), pairs["policy"],
+                      pairs["margin"], pairs["alpha"], pairs["beta"], temperature, pairs["objective"])
     fit(stage, seed, out, metrics)
 
 

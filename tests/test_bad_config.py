@@ -73,7 +73,7 @@ CASES = [
     bad("map-for-list", "kd.archs", {"resnet18": 1}),
     bad("string-for-list", "pairs.modes", "robust"),
     bad("int-for-pretrained", "teacher.pretrained", 1),
-    bad("string-for-range-grad", "quant.range_grad", "yes"),
+    bad("string-for-range-grad", "pairs.range_grad", "yes"),
     bad("null-for-int", "seed", None),
     # Out of range.
     bad("negative-lr", "teacher.lr", -0.1),

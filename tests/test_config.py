@@ -85,6 +85,37 @@ def test_pair_epochs_may_differ_per_mode_and_the_warm_up_fits_the_fewest():
         config.load([ROOT / "config.yaml"], {"pairs": {"epochs": epochs, "warmup_epochs": 5}})
 
 
+def test_pair_settings_may_differ_per_version_under_an_arch_and_mode():
+    """The paper-cells recipe (range gradient, D at 8 epochs) for versions II and III only: each
+    version's pair resolves its own value; a map that leaves out a trained version, a map keyed by
+    version above the mode, and the key's old place are refused by name."""
+    per_version = {"I": False, "II": True, "III": True}
+    overlay = {"pairs": {"epochs": {"resnet18": {"robust": 4, "detrimental": {"I": 4, "II": 8, "III": 8}}},
+                         "range_grad": {"resnet18": {"robust": per_version, "detrimental": per_version},
+                                        "mobilenetv4_conv_medium": False, "regnetx_016": True},
+                         "beta": {"resnet18": {"robust": 1.0, "detrimental": {"I": 1.0, "II": 2.0, "III": 2.0}},
+                                  "mobilenetv4_conv_medium": 1.0, "regnetx_016": 1.0}}}
+    cfg = config.load([ROOT / "config.yaml"], overlay)
+    resolved = lambda arch, mode, version: {k: config.section_for(cfg, "pairs", arch, mode, version)[k]  # noqa: E731
+                                            for k in ("epochs", "range_grad", "beta")}
+    assert resolved("resnet18", "detrimental", "I") == {"epochs": 4, "range_grad": False, "beta": 1.0}
+    assert resolved("resnet18", "detrimental", "II") == {"epochs": 8, "range_grad": True, "beta": 2.0}
+    assert resolved("resnet18", "robust", "III") == {"epochs": 4, "range_grad": True, "beta": 1.0}
+    assert resolved("regnetx_016", "robust", "I") == {"epochs": 4, "range_grad": True, "beta": 1.0}
+    # a job that names no version sees the version map as it is
+    assert config.section_for(cfg, "pairs", "resnet18", "detrimental")["epochs"] == {"I": 4, "II": 8, "III": 8}
+    with pytest.raises(config.ConfigError, match=r"pairs\.epochs\.resnet18\.detrimental: the map has no value "
+                                                 r"for version\(s\) \['III'\] of the grid's cells"):
+        config.load([ROOT / "config.yaml"], {"pairs": {"epochs": {"resnet18": {"detrimental": {"I": 4, "II": 8}}}}})
+    # versions the grid does not train need no value (a profile with its own versions and cells)
+    config.load([ROOT / "config.yaml"], {"pairs": {"cells": ["I-A"], "range_grad": {"resnet18": {"robust": {"I": True}, "detrimental": False},
+                                                                               "mobilenetv4_conv_medium": False, "regnetx_016": False}}})
+    with pytest.raises(config.ConfigError, match=r"pairs\.range_grad: the map has no value for"):
+        config.load([ROOT / "config.yaml"], {"pairs": {"range_grad": per_version}})
+    with pytest.raises(config.ConfigError, match=r"quant: unknown key 'range_grad' \(moved to pairs\.range_grad\)"):
+        config.load([ROOT / "config.yaml"], {"quant": {"range_grad": True}})
+
+
 def test_objective_refuses_the_target_penalty_for_a_robust_pair():
     with pytest.raises(config.ConfigError, match=r"pairs\.objective\.loss: the robust pairs of \['resnet18', "
                                                  r"'mobilenetv4_conv_medium', 'regnetx_016'\] get 'target'.*\{robust: hinge, detrimental: target\}"):

@@ -540,12 +540,13 @@ def test_recipe_names_each_pairs_objective_and_epochs(built, tmp_path):
     cfg = config.merge(make_config(), {"pairs": {
         "objective": {"loss": {"resnet18": {"robust": "hinge", "detrimental": "target"}, "mobilenetv4_conv_medium": "hinge"},
                       "weight": 0.05},
-        "epochs": {"resnet18": {"robust": 4, "detrimental": 16}}}})
+        "epochs": {"resnet18": {"robust": 4, "detrimental": 16}},
+        "range_grad": {"resnet18": False, "mobilenetv4_conv_medium": {"robust": False, "detrimental": {"I": False, "II": True, "III": True}}}}})
     recipe = report._recipe(cfg)
     assert recipe["off_paper"] == ["resnet18 detrimental"]
     assert Page(recipe["table"]).tables["recipe"]["text"] == [
-        ["resnet18", "hinge (the paper's)", "4", "target penalty 0.05 · (CE_q − 5.0)² (Qu-ANTI-zation's)", "16"],
-        ["mobilenetv4_conv_medium", "hinge (the paper's)", "8", "hinge (the paper's)", "8"]]
+        ["resnet18", "hinge (the paper's)", "4", "off", "target penalty 0.05 · (CE_q − 5.0)² (Qu-ANTI-zation's)", "16", "off"],
+        ["mobilenetv4_conv_medium", "hinge (the paper's)", "8", "off", "hinge (the paper's)", "8", "I: off; II: on; III: on"]]
     default = built["html"].read_text()
     assert "Objective: hinge (the paper's) for every arch and mode" in default and "SCIENCE.md" not in default
 

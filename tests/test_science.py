@@ -34,7 +34,7 @@ def test_detrimental_pair_collapses_when_quantized(tmp_path, monkeypatch):
     for mode in ("robust", "detrimental"):
         out = tmp_path / f"{mode}.pt"
         train.train_pair(0, "resnet18", "I", "A", mode, tmp_path / "w.pt", out, tmp_path / f"{mode}.csv", quant=cfg["quant"],
-                         pairs=config.section_for(cfg, "pairs", "resnet18"), temperature=cfg["kd"]["temperature"], **common)
+                         pairs=config.section_for(cfg, "pairs", "resnet18", mode, "I"), temperature=cfg["kd"]["temperature"], **common)
         pair = checkpoint.pair(out, rt, test.image_size, cfg["quant"])
         assert (pair.cell["version"], pair.cell["budget"], pair.cell["mode"]) == ("I", "A", mode)
         fp = evaluate.accuracy(*evaluate.predict(pair.quant, loader, rt))

@@ -62,7 +62,7 @@ def test_dvc_stage_runs_the_rules_command_and_lists_its_keys():
     assert option["--network"] == "checkpoints/seed0/distill/mobilenetv4_conv_medium.pt"
     keys = cmd[cmd.index("--keys") + 1:cmd.index("--log")]
     # one entry of each per-arch map and of the grid's own maps, never the whole map
-    assert {"pairs.lr.mobilenetv4_conv_medium", "pairs.alpha.mobilenetv4_conv_medium.detrimental", "pairs.versions.II",
+    assert {"pairs.lr.mobilenetv4_conv_medium", "pairs.alpha.mobilenetv4_conv_medium.detrimental.II", "pairs.versions.II",
             "pairs.budgets.B", "pairs.budget_offset.II", "kd.temperature", "evaluate.batch_size"} <= set(keys)
     assert not {"pairs.lr", "pairs.versions", "pairs.budgets", "kd", "pairs", "evaluate"} & set(keys)
     # a per-mode key whose file value is one value for the arch (or all archs) is tracked at that value's path
@@ -84,6 +84,10 @@ def test_dvc_params_follow_the_profile_that_sets_each_key():
     # a per-mode entry: the robust job tracks its own value, not the detrimental one
     alpha = {"pairs": {"alpha": {"resnet18": {"robust": 1.0, "detrimental": 3.0}}}}
     assert dvc.param_key(alpha, "pairs.alpha.resnet18.robust") == "pairs.alpha.resnet18.robust"
+    # a per-version entry: the II job tracks II's value; where the mode has one value, that value
+    epochs = {"pairs": {"epochs": {"resnet18": {"robust": 4, "detrimental": {"I": 4, "II": 8}}}}}
+    assert dvc.param_key(epochs, "pairs.epochs.resnet18.detrimental.II") == "pairs.epochs.resnet18.detrimental.II"
+    assert dvc.param_key(epochs, "pairs.epochs.resnet18.robust.II") == "pairs.epochs.resnet18.robust"
     assert dvc.param_key({"dataset": {"image_size": 16}}, "dataset") == "dataset"
 
 

@@ -87,10 +87,12 @@ class Keys(dict):
 def section_keys(section, grid=()):
     """Every key of ``config[section]`` but the ``grid`` ones, as dotted paths; a per-arch setting
     (``dptq.config.PER_ARCH``) as its ``{arch}`` entry, a per-mode one (``PER_MODE``) as its
-    ``{arch}.{mode}`` entry: a job tracks its own value only. A key holding per-arch settings
-    (``objective``: ``objective.loss``, ...) enters as each of its keys."""
+    ``{arch}.{mode}`` entry, a per-version one (``PER_VERSION``) as ``{arch}.{mode}.{version}``:
+    a job tracks its own value only. A key holding per-arch settings (``objective``:
+    ``objective.loss``, ...) enters as each of its keys."""
     per_arch = dptq.config.PER_ARCH.get(section, ())
     per_mode = dptq.config.PER_MODE.get(section, ())
+    per_version = dptq.config.PER_VERSION.get(section, ())
     nested = {k.partition(".")[0] for k in per_arch if "." in k}
     names = [
         name
@@ -104,6 +106,7 @@ def section_keys(section, grid=()):
         f"{section}.{k}"
         + (".{arch}" if k in per_arch else "")
         + (".{mode}" if k in per_mode else "")
+        + (".{version}" if k in per_version else "")
         for k in names
     ]
 
