@@ -202,6 +202,11 @@ def _cross_field_problems(cfg: Mapping):
             if isinstance(value, Mapping) and set(archs) - set(value):
                 yield (f"{section}.{key}: the map has no value for {sorted(set(archs) - set(value))} of kd.archs "
                        f"{archs}; give one value per arch, or one value for all")
+            # merged into a per-arch map, a version's key would pass as one more arch and do nothing
+            misplaced = sorted(set(value) & set(pairs["versions"])) if isinstance(value, Mapping) else []
+            if misplaced:
+                yield (f"{section}.{key}: {misplaced} name versions, not archs; per-version values go under an arch "
+                       f"and a mode ({{arch: {{robust: {{{misplaced[0]}: ...}}, detrimental: ...}}}})")
     for section, keys in PER_MODE.items():
         for key in keys:
             value = at(cfg[section], key)

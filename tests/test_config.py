@@ -104,13 +104,13 @@ def test_pair_settings_may_differ_per_version_under_an_arch_and_mode():
     assert resolved("regnetx_016", "robust", "I") == {"epochs": 4, "range_grad": True, "beta": 1.0}
     # a job that names no version sees the version map as it is
     assert config.section_for(cfg, "pairs", "resnet18", "detrimental")["epochs"] == {"I": 4, "II": 8, "III": 8}
-    with pytest.raises(config.ConfigError, match=r"pairs\.epochs\.resnet18\.detrimental: the map has no value "
+    with pytest.raises(config.ConfigError, match=r"pairs\.alpha\.resnet18\.detrimental: the map has no value "
                                                  r"for version\(s\) \['III'\] of the grid's cells"):
-        config.load([ROOT / "config.yaml"], {"pairs": {"epochs": {"resnet18": {"detrimental": {"I": 4, "II": 8}}}}})
+        config.load([ROOT / "config.yaml"], {"pairs": {"alpha": {"resnet18": {"robust": 1.0, "detrimental": {"I": 1.0, "II": 2.0}}}}})
     # versions the grid does not train need no value (a profile with its own versions and cells)
     config.load([ROOT / "config.yaml"], {"pairs": {"cells": ["I-A"], "range_grad": {"resnet18": {"robust": {"I": True}, "detrimental": False},
                                                                                "mobilenetv4_conv_medium": False, "regnetx_016": False}}})
-    with pytest.raises(config.ConfigError, match=r"pairs\.range_grad: the map has no value for"):
+    with pytest.raises(config.ConfigError, match=r"pairs\.range_grad: \['I', 'II', 'III'\] name versions, not archs"):
         config.load([ROOT / "config.yaml"], {"pairs": {"range_grad": per_version}})
     with pytest.raises(config.ConfigError, match=r"quant: unknown key 'range_grad' \(moved to pairs\.range_grad\)"):
         config.load([ROOT / "config.yaml"], {"quant": {"range_grad": True}})
@@ -233,9 +233,9 @@ def test_every_problem_of_a_profile_is_named_at_once(tmp_path):
     with pytest.raises(config.ConfigError) as err:
         config.load([ROOT / "config.yaml", profile])
     message = str(err.value)
-    assert "\n" not in message and message.count(" | ") == 4 and "5 problems" in message
+    assert "\n" not in message and message.count(" | ") == 5 and "6 problems" in message
     assert "analysis.histogram.archs: ['mobilenetv4_conv_medium', 'regnetx_016'] are not in kd.archs" in message
-    for key in ("kd.epochs", "pairs.epochs", "pairs.lr", "pairs.alpha"):
+    for key in ("kd.epochs", "pairs.epochs", "pairs.range_grad", "pairs.lr", "pairs.alpha"):
         assert f"{key}: the map has no value for ['convnext_atto', 'efficientnet_b0']" in message, key
     profile.write_text("dataset: {image_size: -3}\nkd: {epochs: many}\n")
     with pytest.raises(config.ConfigError, match=r"2 problems: dataset.image_size: -3 .* \| kd.epochs: 'many' "):
