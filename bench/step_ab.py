@@ -1,15 +1,17 @@
-"""The pair step with the quantizer and knapsack of another revision against this one's, in one
-process, steps interleaved: a before/after ratio that a loaded or throttled machine moves alike.
+"""The plain and pair steps of another revision against this one's, in one process, steps
+interleaved: a before/after ratio that a loaded or throttled machine moves alike.
 
     python bench/step_ab.py --base REV [--archs resnet18 ...] [--size 32] [--batch 16] [--rounds 9]
 
-``dptq/quant.py`` and ``dptq/mckp.py`` of ``REV`` (``git show``) are loaded beside this tree's as
-``dptq.base_quant`` and ``dptq.base_mckp`` (the rest of the package is this tree's). Per arch:
-the median ms of the plain step, the base pair step and this pair step over ``--rounds`` rounds
-(one of each per round), the ratios, and whether the two pair steps gave bitwise the same loss
-and gradients.
+``dptq/runtime.py``, ``dptq/quant.py`` and ``dptq/mckp.py`` of ``REV`` (``git show``) are loaded
+beside this tree's as ``dptq.base_runtime``, ``dptq.base_quant`` and ``dptq.base_mckp`` (the rest
+of the package is this tree's). Per arch, one network is put on the CPU by each revision's
+``Runtime.to_device``; then the median ms of each revision's plain and pair steps over
+``--rounds`` rounds (one of each per round), the ratios, and how far the two pair steps' losses and
+gradients are apart (0: bitwise the same).
 """
 import argparse
+import contextlib
 import copy
 import importlib.util
 import statistics
@@ -17,12 +19,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import timm
 import torch
 
-from _timing import bench_runtime
-from dptq import budgets, losses, mckp, quant
+from dptq import budgets, losses, mckp, quant, runtime
 from dptq.policy import BitPolicy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +41,25 @@ def module_at(rev: str, name: str):
     return module
 
 
+@contextlib.contextmanager
+def imported_as(name: str, module):
+    """``import`` finds ``module`` under ``name`` inside the block (the base quantizer must see the
+    base runtime's classes)."""
+    kept = sys.modules[name]
+    sys.modules[name] = module
+    try:
+        yield
+    finally:
+        sys.modules[name] = kept
+
+
+def revision_at(rev: str) -> SimpleNamespace:
+    base_runtime = module_at(rev, "runtime")
+    with imported_as("dptq.runtime", base_runtime):
+        base_quant = module_at(rev, "quant")
+    return SimpleNamespace(runtime=base_runtime, quant=base_quant, mckp=module_at(rev, "mckp"))
+
+
 def pair_step(w, student, quantizer, solver, policy, x, options, capacity):
     """The training's pair step (policy, exact MCKP, W's targets, FP and quantized forwards, one
     backward) with the given quantizer and knapsack module; returns the loss and every gradient."""
@@ -52,6 +73,16 @@ def pair_step(w, student, quantizer, solver, policy, x, options, capacity):
     return [loss.detach()] + [p.grad for p in [*student.parameters(), *policy.parameters()]]
 
 
+def steps_of(side: SimpleNamespace, net: torch.nn.Module, size: int, x: torch.Tensor, policy, options, capacity) -> dict:
+    """The plain and the pair step of one revision on its own copy of ``net`` (same weights)."""
+    rt = side.runtime.Runtime(0, device="cpu", bf16=True, channels_last=True, threads=1)
+    student = rt.to_device(copy.deepcopy(net), size).eval()
+    w = copy.deepcopy(student).requires_grad_(False)
+    quantizer = side.quant.DynamicQuant(student, image_size=size)
+    return {"plain": lambda: student(x).square().mean().backward(),
+            "pair": lambda: pair_step(w, student, quantizer, side.mckp, policy, x, options, capacity)}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", required=True, help="the git revision to compare against")
@@ -61,24 +92,20 @@ def main():
     parser.add_argument("--rounds", type=int, default=9)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    base_quant, base_mckp = module_at(args.base, "quant"), module_at(args.base, "mckp")
+    sides = {"base": revision_at(args.base), "this": SimpleNamespace(runtime=runtime, quant=quant, mckp=mckp)}
     print(f"base={args.base} size={args.size} batch={args.batch} threads=1 rounds={args.rounds}")
-    print(f"{'arch':<24}{'plain ms':>9}{'base ms':>9}{'this ms':>9}{'base/plain':>11}{'this/plain':>11}{'this/base':>10}  same numbers")
+    print(f"{'arch':<24}{'base plain':>11}{'this plain':>11}{'base pair':>10}{'this pair':>10}{'base pair/plain':>16}"
+          f"{'this pair/plain':>16}{'plain this/base':>16}{'pair this/base':>15}  max |Δ| loss, grads")
     for arch in args.archs:
-        rt = bench_runtime(torch.device("cpu"))
-        student = rt.to_device(timm.create_model(arch, num_classes=10), args.size).eval()
-        w = copy.deepcopy(student).requires_grad_(False)
-        x = torch.randn(args.batch, 3, args.size, args.size).contiguous(memory_format=rt.memory_format)
-        layers = quant.quantizable_layers(student, args.size)
-        options = budgets.options(4, 10)
-        capacity = budgets.capacity(len(layers), 5.5, 1)
-        policy = BitPolicy(len(layers), len(options), 64, 32)
-        steps = {"plain": lambda: student(x).square().mean().backward(),
-                 "base": lambda: pair_step(w, student, base_quant.DynamicQuant(student, layers, image_size=args.size),
-                                           base_mckp, policy, x, options, capacity),
-                 "this": lambda: pair_step(w, student, quant.DynamicQuant(student, layers, image_size=args.size),
-                                           mckp, policy, x, options, capacity)}
-        same = all(torch.equal(a, b) for a, b in zip(steps["base"](), steps["this"]()))
+        torch.manual_seed(0)
+        net = timm.create_model(arch, num_classes=10)
+        x = torch.randn(args.batch, 3, args.size, args.size).contiguous(memory_format=torch.channels_last)
+        n = len(quant.quantizable_layers(net, args.size))
+        options, capacity = budgets.options(4, 10), budgets.capacity(n, 5.5, 1)
+        policy = BitPolicy(n, len(options), 64, 32)
+        steps = {f"{side} {kind}": step for side, rev in sides.items()
+                 for kind, step in steps_of(rev, net, args.size, x, policy, options, capacity).items()}
+        apart = max((a - b).abs().max().item() for a, b in zip(steps["base pair"](), steps["this pair"]()))
         times = {name: [] for name in steps}
         for _ in range(args.rounds):
             for name, step in steps.items():
@@ -86,8 +113,9 @@ def main():
                 step()
                 times[name].append(1000 * (time.perf_counter() - start))
         ms = {name: statistics.median(t) for name, t in times.items()}
-        print(f"{arch:<24}{ms['plain']:>9.1f}{ms['base']:>9.1f}{ms['this']:>9.1f}{ms['base'] / ms['plain']:>11.2f}"
-              f"{ms['this'] / ms['plain']:>11.2f}{ms['this'] / ms['base']:>10.3f}  {same}", flush=True)
+        print(f"{arch:<24}{ms['base plain']:>11.1f}{ms['this plain']:>11.1f}{ms['base pair']:>10.1f}{ms['this pair']:>10.1f}"
+              f"{ms['base pair'] / ms['base plain']:>16.2f}{ms['this pair'] / ms['this plain']:>16.2f}"
+              f"{ms['this plain'] / ms['base plain']:>16.3f}{ms['this pair'] / ms['base pair']:>15.3f}  {apart:.3g}", flush=True)
 
 
 if __name__ == "__main__":

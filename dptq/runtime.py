@@ -1,5 +1,6 @@
 """Where and how tensors run: device choice, bf16 autocast on CUDA, channels_last, threads, seeds,
-and the exact rewrite of convolutions that see a single pixel (:class:`OnePixelConv2d`)."""
+and the exact rewrites of convolutions that are matrix products: those that see a single pixel
+(:class:`OnePixelConv2d`) and the 1x1 ones (:class:`PointwiseConv2d`)."""
 from __future__ import annotations
 
 import contextlib
@@ -56,9 +57,16 @@ class Runtime:
 
     def to_device(self, module: nn.Module, image_size: int) -> nn.Module:
         """``module`` on the device in the configured memory format, its one-pixel convolutions
-        rewritten for ``image_size`` inputs (:func:`fold_one_pixel_convs`)."""
+        rewritten for ``image_size`` inputs (:func:`fold_one_pixel_convs`). On the CPU in
+        channels_last, these and the 1x1 convolutions (:func:`fold_pointwise_convs`) are computed
+        as the matrix products they are: oneDNN's backward of either is slow at small maps, and only
+        channels_last holds their rows as one matrix (cuDNN's are not measured slow, and a product
+        is more launches than one convolution)."""
         module = module.to(device=self.dev, memory_format=self.memory_format)
-        fold_one_pixel_convs(module, image_size)
+        as_products = self.dev.type == "cpu" and self.memory_format == torch.channels_last
+        fold_one_pixel_convs(module, image_size, as_products)
+        if as_products:
+            fold_pointwise_convs(module)
         return module
 
 
@@ -90,14 +98,16 @@ class OnePixelConv2d(nn.Conv2d):
     pathological (ResNet18's 3x3 convolutions on the 1x1 maps of its last stage at 32 px: 53 ms
     per backward against 3 ms per forward, bench/NOTES.md). Any other input size takes the
     ordinary path. Inside :func:`windows_quantized_by` only the window is ever rounded.
+    With ``as_product`` (one group only) the one-pixel case is one matrix product over the
+    example's H·W·C inputs, as :class:`PointwiseConv2d` computes a 1x1 convolution.
     """
 
-    def __init__(self, conv: nn.Conv2d, input_hw: tuple[int, int]):
+    def __init__(self, conv: nn.Conv2d, input_hw: tuple[int, int], as_product: bool = False):
         """The convolution ``conv`` (its parameters shared, not copied) for ``input_hw`` inputs."""
         super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                          conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, device="meta")
         self.weight, self.bias = conv.weight, conv.bias
-        self.input_hw = input_hw
+        self.input_hw, self.as_product = input_hw, as_product and conv.groups == 1
         self.train(conv.training)
 
     def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -109,7 +119,35 @@ class OnePixelConv2d(nn.Conv2d):
             part = quantize(self, weight, part)
         if not one_pixel:
             return super()._conv_forward(x, part, bias)
-        return F.conv2d(x, part, bias, groups=self.groups)
+        if not self.as_product:
+            return F.conv2d(x, part, bias, groups=self.groups)
+        # y[b, o] = Σ over (i, j, c) of w[o, c, i, j] x[b, c, i, j]: one row of H·W·C per example
+        rows = x.permute(0, 2, 3, 1).reshape(x.shape[0], 1, 1, -1)
+        return _rows_times(rows, part.permute(0, 2, 3, 1).reshape(part.shape[0], -1), bias)
+
+
+class PointwiseConv2d(nn.Conv2d):
+    """A 1x1 convolution (stride 1, no padding, one group) computed as the matrix product it is:
+    y[b, :, i, j] = W x[b, :, i, j] + b, with W = w[:, :, 0, 0], one product over the rows
+    (B·H·W, C) that channels_last memory already holds. Why: oneDNN's CPU backward of a 1x1
+    convolution on the small maps of a 32 px input takes up to 5x the product's time
+    (MobileNetV4's 1x1 convolutions on 1x1 maps: 37.6 ms against 14.3 ms per step, bench/NOTES.md
+    §19). The same sums in another order: equal up to float rounding, not bit for bit.
+    """
+
+    def __init__(self, conv: nn.Conv2d):
+        """The convolution ``conv`` (its parameters shared, not copied)."""
+        super().__init__(conv.in_channels, conv.out_channels, 1, bias=conv.bias is not None, device="meta")
+        self.weight, self.bias = conv.weight, conv.bias
+        self.train(conv.training)
+
+    def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return _rows_times(x.permute(0, 2, 3, 1), weight.flatten(1), bias)
+
+
+def _rows_times(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """rows [B, H, W, K] · weightᵀ [K, O] + bias, returned as the [B, O, H, W] map (channels_last)."""
+    return F.linear(rows, weight, bias).permute(0, 3, 1, 2)
 
 
 # set by windows_quantized_by for one quantized pass: quantize(module, weight, part)
@@ -150,10 +188,20 @@ class _KernelWindow(torch.autograd.Function):
         return full, None, None, None, None
 
 
-def fold_one_pixel_convs(model: nn.Module, image_size: int) -> int:
+def fold_pointwise_convs(model: nn.Module) -> int:
+    """Replace every plain 1x1 ``nn.Conv2d`` of ``model`` (stride 1, no padding, one group) by a
+    :class:`PointwiseConv2d` (parameters shared, state dict unchanged). Returns how many."""
+    chosen = [name for name, m in model.named_modules() if type(m) is nn.Conv2d and m.kernel_size == (1, 1)
+              and m.stride == (1, 1) and m.padding in ((0, 0), "valid") and m.groups == 1]
+    for name in chosen:
+        graph.replace(model, name, PointwiseConv2d(model.get_submodule(name)))
+    return len(chosen)
+
+
+def fold_one_pixel_convs(model: nn.Module, image_size: int, as_products: bool = False) -> int:
     """Replace every plain ``nn.Conv2d`` of ``model`` that :class:`OnePixelConv2d` covers, at
-    ``image_size`` inputs, by one (found by one dry run; parameters shared, state dict unchanged).
-    Returns how many were replaced."""
+    ``image_size`` inputs, by one (found by one dry run; parameters shared, state dict unchanged),
+    computed as a matrix product where ``as_products``. Returns how many were replaced."""
     names = {m: name for name, m in model.named_modules() if type(m) is nn.Conv2d and m.padding_mode == "zeros"
              and m.dilation == (1, 1) and not isinstance(m.padding, str)}
     if not names:
@@ -169,6 +217,6 @@ def fold_one_pixel_convs(model: nn.Module, image_size: int) -> int:
     for m, (h, w, out_h, out_w) in seen.items():
         (kh, kw), (ph, pw) = m.kernel_size, m.padding
         if (out_h, out_w) == (1, 1) and (kh, kw) != (h, w) and ph + h <= kh and pw + w <= kw:
-            graph.replace(model, names[m], OnePixelConv2d(m, (h, w)))
+            graph.replace(model, names[m], OnePixelConv2d(m, (h, w), as_products))
             folded += 1
     return folded

@@ -87,8 +87,8 @@ def test_scripts_run():
     assert "same bits" in run("pair_equivalence.py", "--archs", "resnet18", "--size", "16", "--batch", "2")
     assert "77" in run("mckp.py", "--repeats", "1")
     assert "ms/step" in run("calibrate.py", "--steps", "1", "--batch", "2")
-    assert "True" in run("step_ab.py", "--base", "HEAD", "--archs", "resnet18", "--size", "16", "--batch", "2", "--rounds", "1",
-                         path=os.environ["PATH"])  # it reads the base revision with git
+    assert "pair this/base" in run("step_ab.py", "--base", "HEAD", "--archs", "resnet18", "--size", "16", "--batch", "2",
+                                   "--rounds", "1", path=os.environ["PATH"])  # it reads the base revision with git
     assert "learned at or below" in run("controllers.py", "--archs", "resnet18", "--steps", "1", "--set", "audit.policy.epochs=1",
                                         "analysis.max_examples=20")
 

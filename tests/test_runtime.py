@@ -1,5 +1,5 @@
-"""dptq.runtime: the one-pixel convolution rewrite against the ordinary padded convolution in
-float64 (outputs and every gradient), where it applies and where it must not."""
+"""dptq.runtime: the one-pixel and the 1x1 convolution rewrites against the ordinary convolution in
+float64 (outputs and every gradient), where they apply and where they must not."""
 import copy
 
 import pytest
@@ -57,14 +57,18 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("as_products", [False, True])
 @pytest.mark.parametrize("side, conv, applies", CASES, ids=[f"side{s}-{c}" for s, c, _ in CASES])
-def test_fold_is_exact_where_it_applies(side, conv, applies):
+def test_fold_is_exact_where_it_applies(side, conv, applies, as_products):
     torch.manual_seed(0)
-    plain = Tail(conv, side).double()
+    plain = Tail(conv, side).double().to(memory_format=torch.channels_last)
     folded = copy.deepcopy(plain)
-    assert runtime.fold_one_pixel_convs(folded, 8) == int(applies)
+    assert runtime.fold_one_pixel_convs(folded, 8, as_products) == int(applies)
     assert isinstance(folded.conv, runtime.OnePixelConv2d) == applies
-    assert_same_outputs_and_grads(plain, folded, torch.randn(4, 3, 8, 8, dtype=torch.float64), 1e-12, 1e-12, 1e-12)
+    if applies:  # a grouped convolution stays a convolution
+        assert folded.conv.as_product == (as_products and conv.groups == 1)
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    assert_same_outputs_and_grads(plain, folded, x, 1e-12, 1e-12, 1e-12)
     if applies:  # the taps that never meet a pixel get exactly no gradient
         (ph, pw), (h, w) = conv.padding, folded.conv.input_hw
         dead = torch.ones_like(folded.conv.weight.grad, dtype=torch.bool)
@@ -72,12 +76,40 @@ def test_fold_is_exact_where_it_applies(side, conv, applies):
         assert folded.conv.weight.grad[dead].abs().max() == 0
 
 
+# (side of the conv's input, conv, whether the 1x1 rewrite applies)
+POINTWISE_CASES = [
+    (1, nn.Conv2d(8, 6, 1), True),                       # MobileNetV4's expansions on its 1x1 maps
+    (4, nn.Conv2d(8, 6, 1, bias=False), True),
+    (3, nn.Conv2d(8, 6, 1, padding="valid"), True),
+    (4, nn.Conv2d(8, 6, 1, stride=2), False),            # a strided 1x1 reads every other pixel
+    (4, nn.Conv2d(8, 6, 1, padding=1), False),
+    (4, nn.Conv2d(8, 6, 1, groups=2), False),
+    (4, nn.Conv2d(8, 6, 3, padding=1), False),
+]
+
+
 @pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
-def test_the_folded_weight_gradient_arrives_laid_out_like_the_weight(memory_format):
+@pytest.mark.parametrize("side, conv, applies", POINTWISE_CASES, ids=[f"side{s}-{c}" for s, c, _ in POINTWISE_CASES])
+def test_pointwise_fold_is_exact_where_it_applies(side, conv, applies, memory_format):
+    torch.manual_seed(0)
+    plain = Tail(conv, side).double().to(memory_format=memory_format)
+    folded = copy.deepcopy(plain)
+    assert runtime.fold_pointwise_convs(folded) == int(applies)
+    assert isinstance(folded.conv, runtime.PointwiseConv2d) == applies
+    assert folded.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64).contiguous(memory_format=memory_format)
+    assert_same_outputs_and_grads(plain, folded, x, 1e-12, 1e-12, 1e-12)
+    if applies:  # the output is a channels_last map, as the next layer's input should be
+        assert folded(x).is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("as_products", [False, True])
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_the_folded_weight_gradient_arrives_laid_out_like_the_weight(memory_format, as_products):
     """A gradient in another layout than its weight's is copied once more when accumulated."""
     torch.manual_seed(0)
     folded = Tail(nn.Conv2d(8, 6, 3, padding=1), 1).to(memory_format=memory_format)
-    runtime.fold_one_pixel_convs(folded, 8)
+    runtime.fold_one_pixel_convs(folded, 8, as_products)
     arrived = []
     folded.conv.weight.register_hook(lambda grad: arrived.append(grad.stride()))
     folded(torch.randn(4, 3, 8, 8)).sum().backward()
@@ -97,12 +129,13 @@ def test_other_input_sizes_take_the_ordinary_path():
 
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenetv4_conv_medium"])
 def test_timm_network_folded_equals_plain_full_precision_and_quantized(arch):
-    """At 32 px the last stages see 1x1 and 2x2 maps; logits, quantized logits and gradients
-    agree with the unfolded network in float64, the state dict is untouched."""
+    """At 32 px the last stages see 1x1 and 2x2 maps; with both rewrites, logits, quantized
+    logits and gradients agree with the unfolded network in float64, the state dict is untouched."""
     torch.manual_seed(0)
     plain = timm.create_model(arch, num_classes=10).eval()
     folded = copy.deepcopy(plain)
-    assert runtime.fold_one_pixel_convs(folded, 32) > 0
+    assert runtime.fold_one_pixel_convs(folded, 32, as_products=True) > 0
+    assert runtime.fold_pointwise_convs(folded) == {"resnet18": 0, "mobilenetv4_conv_medium": 45}[arch]
     assert {k: v.shape for k, v in folded.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
     q_plain, q_folded = DynamicQuant(plain, image_size=32), DynamicQuant(folded, image_size=32)  # probes in float32
     plain.double(), folded.double()
@@ -147,6 +180,15 @@ def test_to_device_folds_for_the_given_image_size():
     assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     model = rt.to_device(timm.create_model("resnet18", num_classes=10), 224)  # the last stage sees 7x7: nothing to fold
     assert not any(isinstance(m, runtime.OnePixelConv2d) for m in model.modules())
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_to_device_computes_convolutions_as_products_only_in_channels_last(channels_last):
+    """Only channels_last memory holds a 1x1 convolution's rows (B·H·W, C) as one matrix."""
+    model = cpu_runtime(channels_last=channels_last).to_device(timm.create_model("resnet50", num_classes=10), 32)
+    assert sum(isinstance(m, runtime.PointwiseConv2d) for m in model.modules()) == (33 if channels_last else 0)
+    one_pixel = [m for m in model.modules() if isinstance(m, runtime.OnePixelConv2d)]
+    assert len(one_pixel) == 3 and all(m.as_product == channels_last for m in one_pixel)
 
 
 def test_runtime_device_memory_format_autocast_and_seed():
