@@ -1,6 +1,7 @@
 """Where and how tensors run: device choice, bf16 autocast on CUDA, channels_last, threads, seeds,
-and the exact rewrites of convolutions that are matrix products: those that see a single pixel
-(:class:`OnePixelConv2d`) and the 1x1 ones (:class:`PointwiseConv2d`)."""
+and the rewrites of convolutions that see a single pixel (:class:`OnePixelConv2d`) and of the
+1x1 ones (:class:`PointwiseConv2d`): exact in real arithmetic; in float32 the products sum in
+another order than oneDNN's convolutions, so their last bits differ."""
 from __future__ import annotations
 
 import contextlib
