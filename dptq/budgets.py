@@ -8,7 +8,7 @@ N·min ≤ C ≤ N·max.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 
 def options(low: int, high: int) -> list[int]:
@@ -45,23 +45,3 @@ def cell(num_layers: int, bit_range: Sequence[int], level: float, offset: float,
     check_feasible(num_layers, opts, cap, where=where)
     return opts, cap
 
-
-def problems(cfg: Mapping):
-    """Config messages for the first infeasible cell of the grid (used by the config check)."""
-    from .config import cells
-    from .models import num_quantizable_layers
-
-    pairs = cfg["pairs"]
-    for arch in cfg["kd"]["archs"]:
-        n = num_quantizable_layers(arch)
-        for version, budget in cells(pairs).values():
-            if version not in pairs["versions"] or budget not in pairs["budgets"]:
-                continue  # pairs.cells names it wrongly: the config check says so
-            (low, high), level, offset = pairs["versions"][version], pairs["budgets"][budget], pairs["budget_offset"][version]
-            try:
-                check_feasible(n, options(low, high), capacity(n, level, offset))
-            except ValueError as err:
-                yield (f"pairs.budgets.{budget}: {level} with pairs.budget_offset.{version} = {offset} is infeasible "
-                       f"for arch {arch}, version {version} [{low}, {high}]: {err}; choose levels a with "
-                       f"{low} <= a + offset <= {high} for every version")
-                return

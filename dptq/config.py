@@ -17,6 +17,8 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from . import budgets
+
 SCHEMA_NAME = "config.schema.yaml"
 # keys that moved, old path -> new path: an old profile is told where its key went
 MOVED = {"quant.range_grad": "pairs.range_grad"}
@@ -140,7 +142,7 @@ def _every(problems) -> list[str]:
 
 def _cross_field_problems(cfg: Mapping):
     """Rules that span several keys; yields one message per problem, in key order."""
-    from . import budgets, models  # deferred: the schema check must not need torch
+    from . import models  # deferred: the schema check must not need torch
 
     pairs = cfg["pairs"]
     for version, (low, high) in pairs["versions"].items():
@@ -226,7 +228,28 @@ def _cross_field_problems(cfg: Mapping):
                                f"{sorted(set(trained) - set(inner))} of the grid's cells; give one value per "
                                f"version of pairs.versions, or one value for all")
     yield from _objective_problems(cfg)
-    yield from budgets.problems(cfg)
+    yield from _budget_problems(cfg)
+
+
+def _budget_problems(cfg: Mapping):
+    """The first infeasible cell of the grid (docs/method.md §2.6): no allocation of the arch's N
+    layers over the version's options sums to its capacity."""
+    from . import models  # deferred: the schema check must not need torch
+
+    pairs = cfg["pairs"]
+    for arch in cfg["kd"]["archs"]:
+        n = models.num_quantizable_layers(arch)
+        for version, budget in cells(pairs).values():
+            if version not in pairs["versions"] or budget not in pairs["budgets"]:
+                continue  # pairs.cells names it wrongly: a rule above says so
+            (low, high), level, offset = pairs["versions"][version], pairs["budgets"][budget], pairs["budget_offset"][version]
+            try:
+                budgets.check_feasible(n, budgets.options(low, high), budgets.capacity(n, level, offset))
+            except ValueError as err:
+                yield (f"pairs.budgets.{budget}: {level} with pairs.budget_offset.{version} = {offset} is infeasible "
+                       f"for arch {arch}, version {version} [{low}, {high}]: {err}; choose levels a with "
+                       f"{low} <= a + offset <= {high} for every version")
+                return
 
 
 def _values(value) -> list:

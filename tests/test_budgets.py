@@ -26,7 +26,8 @@ def test_capacity_of_every_cell_of_the_default_config():
                 assert capacity == EXPECTED[arch][version]["ABC".index(budget)]
                 assert options == list(range(*{"I": (3, 11), "II": (4, 11), "III": (5, 11)}[version]))
                 cells += 1
-    assert cells == 27 and list(budgets.problems(cfg)) == []
+    assert cells == 27
+    config.check(cfg)  # no infeasible cell
 
 
 def test_resnet18_II_is_the_papers_plus_twenty():
@@ -37,6 +38,5 @@ def test_infeasible_cell_names_where_n_and_capacity():
     with pytest.raises(ValueError, match=r"arch resnet18, version I, budget A: .*N=20.*capacity 50"):
         budgets.cell(20, [3, 10], 2.5, 0, where="arch resnet18, version I, budget A")
     cfg = config.merge(config.read_yaml("config.yaml"), {"pairs": {"budgets": {"A": 2.5}}})
-    problems = list(budgets.problems(cfg))
-    assert len(problems) == 1
-    assert "pairs.budgets.A" in problems[0] and "arch resnet18, version I" in problems[0] and "capacity 50" in problems[0]
+    with pytest.raises(config.ConfigError, match=r"^config: pairs\.budgets\.A: 2\.5 .* arch resnet18, version I .*capacity 50"):
+        config.check(cfg)
