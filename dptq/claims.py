@@ -14,8 +14,9 @@ import pandas as pd
 
 EFFECT_COLUMNS = ["seed", "arch", "version", "budget", "white_box_acc", "robust_fp_acc", "robust_delta",
                   "detrimental_fp_acc", "detrimental_delta", "fp_gap", "meets", "highlighted"]
-CROSS_POLICY_COLUMNS = ["seed", "arch", "d_own", "d_with_robust_policy", "d_with_random_policy", "w_fp", "w_with_d_policy",
-                        "r_fp", "r_with_d_policy", "policy_has_choice", "collapse_needs_both", "others_hold"]
+CROSS_POLICY_COLUMNS = ["seed", "arch", "version", "budget", "highlighted", "paper_cell", "d_own", "d_with_robust_policy",
+                        "d_with_random_policy", "w_fp", "w_with_d_policy", "r_fp", "r_with_d_policy", "policy_has_choice",
+                        "collapse_needs_both", "others_hold"]
 DEPTH_COLUMNS = ["seed", "arch", "rank", "layer", "relative_depth", "d_acc", "r_acc"]
 
 
@@ -85,33 +86,35 @@ def policy_has_choice(options: str, capacity: int, num_layers: int) -> bool:
     return low != high and num_layers * low < capacity < num_layers * high
 
 
-def choice_at_highlighted(table1: pd.DataFrame, num_layers: Mapping[str, int]) -> dict[tuple, bool]:
-    """Per (seed, arch), :func:`policy_has_choice` at that seed's own highlighted cell (Table 3's
-    cell), from Table 1's options and capacity and the arch's N (``num_layers``)."""
-    cells = table1[table1["highlighted"]].drop_duplicates(["seed", "arch"])
-    return {(row.seed, row.arch): policy_has_choice(row.options, row.capacity, num_layers[row.arch])
+def choice_at_cells(table1: pd.DataFrame, num_layers: Mapping[str, int]) -> dict[tuple, bool]:
+    """Per (seed, arch, version, budget) of Table 1, :func:`policy_has_choice` from the cell's options
+    and capacity and the arch's N (``num_layers``)."""
+    cells = table1.drop_duplicates(["seed", "arch", "version", "budget"])
+    return {(row.seed, row.arch, row.version, row.budget): policy_has_choice(row.options, row.capacity, num_layers[row.arch])
             for row in cells.itertuples()}
 
 
 def cross_policy(table3: pd.DataFrame, bar: Bar, choice: Mapping[tuple, bool]) -> pd.DataFrame:
-    """Per (seed, arch), Table 3's two claims at that seed's highlighted cell:
+    """Per (seed, arch) and each cell Table 3 was computed at (the seed's highlighted cell, the
+    paper's), Table 3's two claims there:
 
     - the collapse needs both D and π_D: Q(D, π_D) ≤ Q(D, π_R) − min_detrimental_drop and
       Q(D, π_D) ≤ Q(D, random) − min_detrimental_drop. Where the cell leaves the policy no choice
-      (``choice``: :func:`choice_at_highlighted`; ``policy_has_choice`` False) all three policies
+      (``choice``: :func:`choice_at_cells`; ``policy_has_choice`` False) all three policies
       give the one allocation, so the claim is not applicable: None, not a miss;
     - π_D alone does not break the other networks: |Q(W, π_D) − FP(W)| ≤ max_cross_policy_drop and
       |Q(R, π_D) − FP(R)| ≤ max_cross_policy_drop.
     """
     rows = []
-    for (seed, arch), sub in table3.groupby(["seed", "arch"], sort=False):
+    for (seed, arch, version, budget), sub in table3.groupby(["seed", "arch", "version", "budget"], sort=False):
         q = sub.set_index(["network", "policy"])["q_acc"]
         fp = sub.groupby("network")["fp_acc"].first()
-        row = dict(seed=seed, arch=arch, d_own=q[("detrimental", "detrimental")],
+        row = dict(seed=seed, arch=arch, version=version, budget=budget, highlighted=bool(sub["highlighted"].iloc[0]),
+                   paper_cell=bool(sub["paper_cell"].iloc[0]), d_own=q[("detrimental", "detrimental")],
                    d_with_robust_policy=q[("detrimental", "robust")], d_with_random_policy=q[("detrimental", "random")],
                    w_fp=fp["white_box"], w_with_d_policy=q[("white_box", "detrimental")],
                    r_fp=fp["robust"], r_with_d_policy=q[("robust", "detrimental")],
-                   policy_has_choice=choice[(seed, arch)])
+                   policy_has_choice=choice[(seed, arch, version, budget)])
         others = min(row["d_with_robust_policy"], row["d_with_random_policy"])
         row["collapse_needs_both"] = (bool(round(row["d_own"] + bar.min_detrimental_drop, 9) <= round(others, 9))
                                       if row["policy_has_choice"] else None)

@@ -76,13 +76,15 @@ def transitory_pct(fp_r_correct, fp_d_correct, q_d_correct) -> float:
 
 def evaluate_arch(seed: int, arch: str, network: str | Path, pairs: Sequence[str | Path], out: Mapping[str, str | Path], *,
                   dataset: Mapping, runtime: Mapping, quant: Mapping, profits: str, batch_size: int,
-                  highlight_max_fp_gap: float, random_policy_seed: int) -> None:
+                  highlight_max_fp_gap: float, random_policy_seed: int, paper_cell: str | None = None) -> None:
     """Tables 1-3 of one arch and seed into ``out["table1"]``, ``out["table2"]``, ``out["table3"]``.
 
     ``network`` is the distilled white-box checkpoint, ``pairs`` every pair checkpoint of the arch
     (each knows its cell; Table 1 keeps their order); all must be ``arch``'s. Every (network, policy) combination is one
     pass over the test set; each network's full-precision predictions are computed once and reused. Table 1 holds one
-    pair in memory at a time; Table 3 loads the highlighted cell's two pairs again.
+    pair in memory at a time. Tables 2 and 3 are computed at the seed's highlighted cell and at
+    ``paper_cell`` (the paper's highlighted cell, ``"II-B"``; None or not trained here: skipped),
+    loading those cells' two pairs again.
     """
     rt, test = Runtime(seed, **runtime), Data(**dataset)
     loader = test.loader(test.build("test"), batch_size, rt)
@@ -108,14 +110,20 @@ def evaluate_arch(seed: int, arch: str, network: str | Path, pairs: Sequence[str
     table1["highlighted"] = (table1["version"] == version) & (table1["budget"] == budget)
     table1["white_box_acc"] = accuracy(white_fp, labels)
 
-    r, d = (version, budget, "robust"), (version, budget, "detrimental")
-    table2 = pd.DataFrame([dict(seed=seed, arch=arch, transitory_pct=transitory_pct(fp[r] == labels, fp[d] == labels,
-                                                                                     q[d] == labels))])
     random = functools.partial(random_policy, seed=random_policy_seed)
-    robust, detrimental = (checkpoint.pair(paths[key], rt, test.image_size, quant, arch) for key in (r, d))
-    table3 = cross_policy(loader, rt, profits, labels, white, white_fp, robust, detrimental, random,
-                          known=(fp, q, r, d)).assign(arch=arch)
-    table3.insert(0, "seed", seed)
+    paper = tuple(paper_cell.partition("-")[::2]) if paper_cell else None
+    table2, table3 = [], []
+    for cell in dict.fromkeys([(version, budget), paper]):
+        if cell is None or (*cell, "detrimental") not in paths or (*cell, "robust") not in paths:
+            continue
+        at = dict(seed=seed, arch=arch, version=cell[0], budget=cell[1], highlighted=cell == (version, budget),
+                  paper_cell=cell == paper)
+        r, d = (*cell, "robust"), (*cell, "detrimental")
+        table2.append(dict(at, transitory_pct=transitory_pct(fp[r] == labels, fp[d] == labels, q[d] == labels)))
+        robust, detrimental = (checkpoint.pair(paths[key], rt, test.image_size, quant, arch) for key in (r, d))
+        table3.append(cross_policy(loader, rt, profits, labels, white, white_fp, robust, detrimental, random,
+                                   known=(fp, q, r, d)).assign(**at))
+    table2, table3 = pd.DataFrame(table2), pd.concat(table3, ignore_index=True)
     for name, table, columns in (("table1", table1, TABLE1_COLUMNS), ("table2", table2, TABLE2_COLUMNS),
                                  ("table3", table3, TABLE3_COLUMNS)):
         Path(out[name]).parent.mkdir(parents=True, exist_ok=True)
@@ -124,7 +132,7 @@ def evaluate_arch(seed: int, arch: str, network: str | Path, pairs: Sequence[str
 
 def cross_policy(loader, rt: Runtime, profits: str, labels: Tensor, white: DynamicQuant, white_fp: Tensor,
                  robust: Pair, detrimental: Pair, random_policy, known: tuple) -> pd.DataFrame:
-    """Table 3: networks {W, R, D} × policies {π_R, π_D, random} at the highlighted cell's budget.
+    """Table 3: networks {W, R, D} × policies {π_R, π_D, random} at the two pairs' cell.
 
     ``known`` holds Table 1's (FP, own-policy) predictions and the two pairs' keys, so the
     R-with-π_R and D-with-π_D passes are not repeated; ``random_policy(N, K)`` makes a fresh

@@ -93,7 +93,8 @@ def read(paths, kind: str) -> pd.DataFrame:
     """The tidy CSV ``paths`` (one path or a list, concatenated in order) of a ``kind`` of :data:`COLUMNS`.
 
     A missing file, column or row fails with the file's name. Tables with a ``highlighted``
-    column get it as bool and a ``cell`` column, ``"<version>-<budget>"``.
+    column get it (and ``paper_cell``, where there is one) as bool and a ``cell`` column,
+    ``"<version>-<budget>"``.
     """
     paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
     if not paths:
@@ -101,7 +102,8 @@ def read(paths, kind: str) -> pd.DataFrame:
     df = pd.concat([_read_one(p, kind) for p in paths], ignore_index=True)
     if "highlighted" in df.columns:
         # CSV booleans (True/true/1) whatever pandas inferred.
-        df["highlighted"] = df["highlighted"].astype(str).str.strip().str.lower().isin(["true", "1", "yes"])
+        for flag in [c for c in ("highlighted", "paper_cell") if c in df.columns]:
+            df[flag] = df[flag].astype(str).str.strip().str.lower().isin(["true", "1", "yes"])
         df["cell"] = [cell_name(v, b) for v, b in zip(df["version"], df["budget"])]
     return df
 

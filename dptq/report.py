@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import importlib.metadata
-import importlib.resources
 import json
 import math
 import platform
@@ -41,7 +40,7 @@ from .audit_record import AuditResult
 from .config import cell_name, cells, section_for
 from .figures import MAX_HISTOGRAM_LAYERS, NETWORKS, figure_kind, figure_names, read
 from .models import num_quantizable_layers
-from .tables import bit_floor, ci95, coupling_drops
+from .tables import bit_floor, ci95, coupling_drops, paper
 
 POLICIES = {"robust": "π_R", "detrimental": "π_D", "random": "random"}
 # pairs.objective.loss -> how the report names it, filled from pairs.objective (docs/method.md §2.10).
@@ -58,11 +57,6 @@ _PAGE = jinja2.Environment(loader=jinja2.PackageLoader("dptq"), autoescape=True,
 
 
 # ---------------------------------------------------------------- inputs
-
-def paper() -> dict:
-    """The paper's reference numbers (``dptq/paper.yaml``)."""
-    return yaml.safe_load(importlib.resources.files("dptq").joinpath("paper.yaml").read_text(encoding="utf-8"))
-
 
 def caption(captions_dir, name: str, **fields) -> str:
     """The text of ``<captions_dir>/<name>.rst`` with ``{field}`` placeholders filled, as one line.
@@ -142,7 +136,8 @@ def headline(summary_df: pd.DataFrame, table2_df: pd.DataFrame, effect_df: pd.Da
     there, transitory points (mean over seeds), and the number of seeds on which the highlighted
     cell meets the effect (``effect_df``, :func:`dptq.claims.effect`).
     """
-    transitory = table2_df.groupby("arch", sort=False)["transitory_pct"].mean()
+    at_own = table2_df[table2_df["highlighted"]]
+    transitory = at_own.groupby("arch", sort=False)["transitory_pct"].mean()
     out = {}
     for arch, sub in summary_df.groupby("arch", sort=False):
         hl = sub[sub["highlighted"]].set_index("mode")
@@ -247,41 +242,59 @@ def _rows_html(t1: pd.DataFrame, table_id: str, delta: str) -> str:
     return _html(shown, table_id, signed=[delta], hl=t1["highlighted"])
 
 
+def _at_cells(table: pd.DataFrame):
+    """A Table 2 or 3 frame of one arch as (label, rows): at each seed's own highlighted cell, then
+    at the paper's cell (where this run trained it); once where every seed highlights the paper's."""
+    own, paper = table[table["highlighted"]], table[table["paper_cell"]]
+    named = lambda label, rows: (f"{label} ({', '.join(pd.unique(rows['cell']))})", rows)  # noqa: E731
+    if own.index.equals(paper.index):
+        yield named("each seed's highlighted cell, the paper's", own)
+        return
+    yield from (named(label, rows) for label, rows in (("each seed's highlighted cell", own), ("the paper's cell", paper))
+                if len(rows))
+
+
 def _table2_html(t2: pd.DataFrame) -> str:
-    """A row per arch: each seed's transitory points and, over several seeds, m ± h."""
-    wide = t2.pivot_table(index="arch", columns="seed", values="transitory_pct", sort=False)
-    wide.columns = [f"seed {s}" for s in wide.columns]
-    if t2["seed"].nunique() > 1:
-        wide["mean ± 95 % half-width"] = [_pm(*_over_seeds(g["transitory_pct"]))
-                                          for _, g in t2.groupby("arch", sort=False)]
-    return _html(wide.reset_index(), "table2")
+    """A row per arch and cell (:func:`_at_cells`): each seed's transitory points and, over several seeds, m ± h."""
+    seeds, rows = list(pd.unique(t2["seed"])), []
+    for arch, sub in t2.groupby("arch", sort=False):
+        for at, rows_at in _at_cells(sub):
+            by_seed = rows_at.set_index("seed")["transitory_pct"]
+            row = {"arch": arch, "at": at, **{f"seed {s}": by_seed.get(s) for s in seeds}}
+            if len(seeds) > 1:
+                row["mean ± 95 % half-width"] = _pm(*_over_seeds(by_seed))
+            rows.append(row)
+    return _html(pd.DataFrame(rows), "table2")
 
 
 def _table3_html(t3: pd.DataFrame) -> str:
-    """Rows: (arch, policy) plus each network's FP; columns: networks W, R, D; m ± h over seeds."""
+    """Rows: (arch, cell, policy) plus each network's FP; columns: networks W, R, D; m ± h over seeds."""
     networks = list(pd.unique(t3["network"]))
     rows = []
-    for arch, sub in t3.groupby("arch", sort=False):
-        settings = [(f"Q with {POLICIES.get(p, p)}", sub[sub["policy"] == p], "q_acc")
-                    for p in pd.unique(sub["policy"])]
-        # FP accuracy does not depend on the policy: each seed's first row per network.
-        fp = sub.drop_duplicates(["seed", "network"])
-        for setting, rows_of, col in [*settings, ("FP (no quantization)", fp, "fp_acc")]:
-            cells = {n: _pm(*_over_seeds(g[col])) for n, g in rows_of.groupby("network", sort=False)}
-            rows.append([arch, setting] + [cells.get(n, "–") for n in networks])
-    return _html(pd.DataFrame(rows, columns=["arch", "setting"] + [NETWORKS.get(n, n) for n in networks]), "table3")
+    for arch, by_arch in t3.groupby("arch", sort=False):
+        for at, sub in _at_cells(by_arch):
+            settings = [(f"Q with {POLICIES.get(p, p)}", sub[sub["policy"] == p], "q_acc")
+                        for p in pd.unique(sub["policy"])]
+            # FP accuracy does not depend on the policy: each seed's first row per network.
+            fp = sub.drop_duplicates(["seed", "network"])
+            for setting, rows_of, col in [*settings, ("FP (no quantization)", fp, "fp_acc")]:
+                cells = {n: _pm(*_over_seeds(g[col])) for n, g in rows_of.groupby("network", sort=False)}
+                rows.append([arch, at, setting] + [cells.get(n, "–") for n in networks])
+    return _html(pd.DataFrame(rows, columns=["arch", "at", "setting"] + [NETWORKS.get(n, n) for n in networks]), "table3")
 
 
-def _reference_html(metrics: Mapping, summary: pd.DataFrame, t3: pd.DataFrame, ref: Mapping) -> str:
+def _reference_html(metrics: Mapping, summary: pd.DataFrame, t2: pd.DataFrame, t3: pd.DataFrame, ref: Mapping) -> str:
     """The paper's numbers beside this run's means: a row per quantity, two columns per arch.
 
-    R and D are shown twice: at each side's own highlighted cell, and at the paper's cell as this
-    run measured it (``summary``'s means), since the two highlight rules may pick different cells.
+    R, D and the transitory points are shown twice: at each side's own highlighted cell, and at the
+    paper's cell as this run measured it (``summary``'s means, Table 2's rows there), since the two
+    highlight rules may pick different cells. Table 3 is compared at the paper's cell.
     """
     # the summary's archs, not metrics' keys: metrics.json also holds the audit's entry
     ran = list(pd.unique(summary["arch"]))
     archs = ran + [a for a in ref["white_box_acc"] if a not in ran]
-    q3 = t3.groupby(["arch", "policy", "network"])["q_acc"].mean()
+    transitory = t2[t2["paper_cell"]].groupby("arch")["transitory_pct"].mean()
+    q3 = t3[t3["paper_cell"]].groupby(["arch", "policy", "network"])["q_acc"].mean()
     means = {(r.arch, r.cell, r.mode): r for r in summary.itertuples()}
     columns, quantities = {}, None
     for arch in archs:
@@ -297,11 +310,14 @@ def _reference_html(metrics: Mapping, summary: pd.DataFrame, t3: pd.DataFrame, r
             for quantity, label in (("fp_acc", "FP accuracy (%)"), ("delta", "Δ = Q − FP (points)")):
                 pairs[f"{tag} {label}, the paper's cell"] = (theirs.get(quantity),
                                                             _at_cell(means, arch, hl.get("cell"), mode, quantity))
-        pairs["transitory points (% of the test set)"] = (ref["transitory_pct"].get(arch), ours.get("transitory_pct"))
+        theirs = ref["transitory_pct"].get(arch)
+        not_run = "not run" if hl.get("cell") else None  # no row at the paper's cell: this run did not train it
+        pairs["transitory points (% of the test set), highlighted cell"] = (theirs, ours.get("transitory_pct"))
+        pairs["transitory points (% of the test set), the paper's cell"] = (theirs, transitory.get(arch, not_run))
         for policy, pol in POLICIES.items():
             for network, net in NETWORKS.items():
-                pairs[f"Table 3: {net} quantized with {pol} (%)"] = (paper3.get(policy, {}).get(network),
-                                                                       q3.get((arch, policy, network)))
+                pairs[f"Table 3: {net} quantized with {pol} (%), the paper's cell"] = (
+                    paper3.get(policy, {}).get(network), q3.get((arch, policy, network), not_run))
         quantities = list(pairs)
         columns[(arch, "paper")] = [_fmt(p, "Δ" in q) for q, (p, _) in pairs.items()]
         columns[(arch, "this run")] = [_fmt(o, "Δ" in q) for q, (_, o) in pairs.items()]
@@ -365,7 +381,7 @@ def _claims_html(effect: pd.DataFrame, t1: pd.DataFrame, t3: pd.DataFrame, scan:
     """The three per-seed claim tables of the report's claims section; ``num_layers``: N per arch,
     which with Table 1's options and capacity says whether a seed's cell left the policy a choice."""
     at_cell = effect[effect["highlighted"]].drop(columns=["highlighted", "cell"])
-    cross = claims.cross_policy(t3, claims.Bar(**thresholds), claims.choice_at_highlighted(t1, num_layers))
+    cross = claims.cross_policy(t3, claims.Bar(**thresholds), claims.choice_at_cells(t1, num_layers))
     # None: the claim does not apply (one allocation), which "–" would hide and "no" would misstate
     cross["collapse_needs_both"] = cross["collapse_needs_both"].map(lambda v: "not applicable" if v is None else v)
     return {"effect": _effect_html(effect),
@@ -469,7 +485,7 @@ def build(tables: Mapping, remedy, layer_scan, figures_dir, captions_dir, benchm
         n_seeds=int(summary["n_seeds"].max()),
         fig1=images["fig1_table1"], figures=[images[n] for n in names if n != "fig1_table1"],
         no_histograms=[a for a in archs if a not in histogram_archs],
-        reference=_reference_html(metrics, summary, t3, ref), recipe=_recipe(config),
+        reference=_reference_html(metrics, summary, t2, t3, ref), recipe=_recipe(config),
         table1=_table1_html(summary),
         table1_summary=_rows_html(summary, "table1-summary", "delta_mean"),
         table1_tidy=_rows_html(t1, "table1-tidy", "delta"),

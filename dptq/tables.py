@@ -1,24 +1,29 @@
 """Tables 1-3 as data (docs/method.md §2.13, §7, §8): their columns, the highlight rule, the merge
-over seeds and archs, and the summary over seeds with its Student-t interval.
+over seeds and archs, the summary over seeds with its Student-t interval, and the paper's own
+numbers (``dptq/paper.yaml``).
 
 Pure pandas (no torch), so that the merge job and the figures and report read and summarise
 tables without loading a network library.
 """
 from __future__ import annotations
 
+import importlib.resources
 import math
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from . import claims
 
 TABLE1_COLUMNS = ["seed", "arch", "version", "budget", "mode", "options", "capacity", "fp_acc", "q_acc", "delta",
                   "highlighted", "white_box_acc"]
-TABLE2_COLUMNS = ["seed", "arch", "transitory_pct"]
-TABLE3_COLUMNS = ["seed", "arch", "network", "policy", "q_acc", "fp_acc"]
+# Tables 2 and 3 at each seed's own highlighted cell and at the paper's (docs/method.md §2.14-2.15)
+AT_CELL = ["seed", "arch", "version", "budget", "highlighted", "paper_cell"]
+TABLE2_COLUMNS = [*AT_CELL, "transitory_pct"]
+TABLE3_COLUMNS = [*AT_CELL, "network", "policy", "q_acc", "fp_acc"]
 SUMMARY_COLUMNS = ["arch", "version", "budget", "mode", "options", "capacity", "n_seeds",
                    *(f"{c}_{s}" for c in ("fp_acc", "q_acc", "delta", "white_box_acc") for s in ("mean", "ci95")),
                    "seeds_meeting_effect", "highlighted"]
@@ -35,6 +40,16 @@ LABELS = ("arch", "version", "budget", "mode", "options", "network", "policy", "
 def read_table(path: str | Path) -> pd.DataFrame:
     """A tidy CSV with its label columns (:data:`LABELS`) kept as text."""
     return pd.read_csv(path, dtype=dict.fromkeys(LABELS, str))
+
+
+def paper() -> dict:
+    """The paper's reference numbers (``dptq/paper.yaml``)."""
+    return yaml.safe_load(importlib.resources.files("dptq").joinpath("paper.yaml").read_text(encoding="utf-8"))
+
+
+def paper_cell(arch: str) -> str | None:
+    """The cell the paper highlights for ``arch`` (e.g. ``II-B``); None for an arch it did not train."""
+    return paper()["highlighted"].get(arch, {}).get("cell")
 
 
 def budget_order(levels: Mapping[str, float]) -> list[str]:

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ARCH = "test_resnet"
 N = models.num_quantizable_layers(ARCH)
 SEED = 3  # the training seed: every CSV's first column; the data subsets do not depend on it
+PAPER_CELL = "I-A"  # Tables 2 and 3 are computed here too (the highlight rule picks a cell of I-A, I-B)
 
 
 # --- the layer scan's shared prefix --------------------------------------------------------------
@@ -212,7 +213,7 @@ def run(checkpoints, tmp_path_factory):
         mp.setattr(data.Data, "build", lambda self, split, randaugment=None: Subset(build(self, split, randaugment), range(16)))
         written = {name: root / "tables" / f"{name}.csv" for name in ("table1", "table2", "table3")}
         evaluate.evaluate_arch(SEED, ARCH, white, pairs, written, dataset=cfg["dataset"], runtime=cfg["runtime"],
-                               quant=cfg["quant"], profits=cfg["pairs"]["policy"]["profits"],
+                               quant=cfg["quant"], profits=cfg["pairs"]["policy"]["profits"], paper_cell=PAPER_CELL,
                                **{k: v for k, v in cfg["evaluate"].items() if k != "effect"})  # the tables job's key
         out, a, table1 = root / "analysis", cfg["analysis"], written["table1"]
         job = start(cfg)
@@ -251,15 +252,24 @@ def test_evaluate_arch_tables(run):
     assert (t1["delta"] - (t1["q_acc"] - t1["fp_acc"])).abs().max() < 1e-9
     hl = t1[t1["highlighted"]]
     assert len(hl) == 2 and set(hl["mode"]) == {"robust", "detrimental"} and hl["budget"].nunique() == 1
-    assert list(t2.columns) == tables.TABLE2_COLUMNS and 0 <= t2["transitory_pct"].item() <= 100
-    assert list(t3.columns) == tables.TABLE3_COLUMNS and len(t3) == 9
-    assert set(zip(t3["network"], t3["policy"])) == {(n, p) for n in ("white_box", "robust", "detrimental")
-                                                    for p in ("robust", "detrimental", "random")}
-    # the own-policy entries of Table 3 are Table 1's highlighted rows
-    for mode in ("robust", "detrimental"):
-        row = t3[(t3["network"] == mode) & (t3["policy"] == mode)].iloc[0]
-        assert row["q_acc"] == pytest.approx(hl[hl["mode"] == mode]["q_acc"].item())
-        assert row["fp_acc"] == pytest.approx(hl[hl["mode"] == mode]["fp_acc"].item())
+    # Tables 2 and 3 at the highlighted cell and at the paper's (a third cell, not trained here, is skipped)
+    highlighted = (hl["version"].iloc[0], hl["budget"].iloc[0])
+    paper = tuple(PAPER_CELL.split("-"))
+    cells = list(dict.fromkeys([highlighted, paper]))
+    assert list(t2.columns) == tables.TABLE2_COLUMNS and list(zip(t2["version"], t2["budget"])) == cells
+    assert t2["highlighted"].tolist() == [c == highlighted for c in cells]
+    assert t2["paper_cell"].tolist() == [c == paper for c in cells]
+    assert ((t2["transitory_pct"] >= 0) & (t2["transitory_pct"] <= 100)).all()
+    assert list(t3.columns) == tables.TABLE3_COLUMNS and len(t3) == 9 * len(cells)
+    for (version, budget), at in t3.groupby(["version", "budget"], sort=False):
+        assert set(zip(at["network"], at["policy"])) == {(n, p) for n in ("white_box", "robust", "detrimental")
+                                                        for p in ("robust", "detrimental", "random")}
+        # the own-policy entries of Table 3 are Table 1's rows of that cell
+        rows = t1[(t1["version"] == version) & (t1["budget"] == budget)]
+        for mode in ("robust", "detrimental"):
+            row = at[(at["network"] == mode) & (at["policy"] == mode)].iloc[0]
+            assert row["q_acc"] == pytest.approx(rows[rows["mode"] == mode]["q_acc"].item())
+            assert row["fp_acc"] == pytest.approx(rows[rows["mode"] == mode]["fp_acc"].item())
     assert (t3[t3["network"] == "white_box"]["fp_acc"] == t1["white_box_acc"].iloc[0]).all()
 
 

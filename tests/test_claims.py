@@ -40,26 +40,31 @@ def test_effect_skips_cells_without_both_modes():
     assert claims.effect(t, EFFECT)["budget"].tolist() == ["A"]
 
 
-def table3(seed: int, d_own: float, d_r: float, d_rand: float, w_d: float, r_d: float) -> pd.DataFrame:
+def table3(seed: int, d_own: float, d_r: float, d_rand: float, w_d: float, r_d: float,
+           cell=("II", "B"), highlighted=True, paper_cell=False) -> pd.DataFrame:
     fp = {"white_box": 92.0, "robust": 91.0, "detrimental": 90.0}
     q = {("white_box", "robust"): 92.0, ("white_box", "detrimental"): w_d, ("white_box", "random"): 91.0,
          ("robust", "robust"): 90.5, ("robust", "detrimental"): r_d, ("robust", "random"): 90.0,
          ("detrimental", "robust"): d_r, ("detrimental", "detrimental"): d_own, ("detrimental", "random"): d_rand}
-    return pd.DataFrame([dict(seed=seed, arch="rn", network=n, policy=p, q_acc=v, fp_acc=fp[n]) for (n, p), v in q.items()])
+    return pd.DataFrame([dict(seed=seed, arch="rn", version=cell[0], budget=cell[1], highlighted=highlighted,
+                              paper_cell=paper_cell, network=n, policy=p, q_acc=v, fp_acc=fp[n]) for (n, p), v in q.items()])
 
 
-def test_cross_policy_claims_per_seed():
+def test_cross_policy_claims_per_seed_and_cell():
     t3 = pd.concat([table3(0, 40.0, 60.0, 61.0, 87.0, 86.0),     # 20 below both; W and R within 5
                     table3(1, 40.0, 59.9, 80.0, 87.0, 86.0),     # 19.9 below D with π_R
                     table3(2, 40.0, 80.0, 80.0, 86.9, 91.0),     # W with π_D 5.1 below its FP
-                    table3(3, 40.0, 40.0, 40.0, 87.0, 86.0)])    # one allocation: every policy gives it
-    choice = {(0, "rn"): True, (1, "rn"): True, (2, "rn"): True, (3, "rn"): False}
+                    table3(3, 40.0, 40.0, 40.0, 87.0, 86.0),     # one allocation: every policy gives it
+                    table3(3, 40.0, 70.0, 70.0, 92.0, 91.0, ("I", "A"), False, True)])  # seed 3 at the paper's cell
+    choice = {(0, "rn", "II", "B"): True, (1, "rn", "II", "B"): True, (2, "rn", "II", "B"): True,
+              (3, "rn", "II", "B"): False, (3, "rn", "I", "A"): True}
     out = claims.cross_policy(t3, EFFECT, choice)
     assert list(out.columns) == claims.CROSS_POLICY_COLUMNS
-    assert out["collapse_needs_both"].tolist() == [True, False, True, None]  # not applicable, not a miss
-    assert out["others_hold"].tolist() == [True, True, False, True]  # judged with or without a choice
-    assert out["policy_has_choice"].tolist() == [True, True, True, False]
+    assert out["collapse_needs_both"].tolist() == [True, False, True, None, True]  # not applicable, not a miss
+    assert out["others_hold"].tolist() == [True, True, False, True, True]  # judged with or without a choice
+    assert out["policy_has_choice"].tolist() == [True, True, True, False, True]
     assert out.loc[0, ["d_own", "d_with_robust_policy", "w_fp", "r_with_d_policy"]].tolist() == [40.0, 60.0, 92.0, 86.0]
+    assert out.loc[4, ["seed", "version", "budget", "highlighted", "paper_cell"]].tolist() == [3, "I", "A", False, True]
 
 
 def test_the_policy_has_a_choice_unless_one_allocation_fits():
@@ -71,17 +76,16 @@ def test_the_policy_has_a_choice_unless_one_allocation_fits():
     assert not claims.policy_has_choice("8-8", 160, n)       # one option (the bit floor)
 
 
-def test_choice_is_read_at_each_seeds_highlighted_cell():
-    """Seed 0 highlights II-B (a choice), seed 1 III-A (C = 5 N: none); the other rows do not count."""
-    rows = [dict(seed=seed, arch="rn", version=v, budget=b, mode=mode, options=o, capacity=c,
-                 highlighted=(v, b) == cell)
-            for seed, cell in ((0, ("II", "B")), (1, ("III", "A")))
+def test_choice_is_read_at_every_cell_of_table_1():
+    """II-B leaves a choice, III-A (C = 5 N) none, on every seed."""
+    rows = [dict(seed=seed, arch="rn", version=v, budget=b, mode=mode, options=o, capacity=c, highlighted=False)
+            for seed in (0, 1)
             for v, b, o, c in (("II", "B", "4-10", 130), ("III", "A", "5-10", 100))
             for mode in ("robust", "detrimental")]
-    choice = claims.choice_at_highlighted(pd.DataFrame(rows), {"rn": 20})
-    assert choice == {(0, "rn"): True, (1, "rn"): False}
+    choice = claims.choice_at_cells(pd.DataFrame(rows), {"rn": 20})
+    assert choice == {(s, "rn", v, b): (v, b) == ("II", "B") for s in (0, 1) for v, b in (("II", "B"), ("III", "A"))}
     # the same cells with N = 19: 100 bits is five above every layer at 5, so III-A has a choice too
-    assert claims.choice_at_highlighted(pd.DataFrame(rows), {"rn": 19}) == {(0, "rn"): True, (1, "rn"): True}
+    assert all(claims.choice_at_cells(pd.DataFrame(rows), {"rn": 19}).values())
 
 
 def test_failure_depth_takes_ds_lowest_single_layer_accuracies():

@@ -29,8 +29,8 @@ SMOKE = ["--configfile", "config/smoke.yaml"]
 TABLE_COLUMNS = {
     "table1": ["seed", "arch", "version", "budget", "mode", "options", "capacity", "fp_acc", "q_acc", "delta",
                "highlighted", "white_box_acc"],
-    "table2": ["seed", "arch", "transitory_pct"],
-    "table3": ["seed", "arch", "network", "policy", "q_acc", "fp_acc"],
+    "table2": ["seed", "arch", "version", "budget", "highlighted", "paper_cell", "transitory_pct"],
+    "table3": ["seed", "arch", "version", "budget", "highlighted", "paper_cell", "network", "policy", "q_acc", "fp_acc"],
 }
 # A key of each section (none set by config/smoke.yaml) and the rules whose jobs read it.
 INFERENCE = {"evaluate", "layer_scan", "histograms", "corruptions", "remedy", "audit_model"}
@@ -131,8 +131,11 @@ def test_snakemake_smoke_run_leaves_every_output(smoke_run):
     t1 = tables["table1"]
     assert len(t1) == cells and (t1["delta"] - (t1["q_acc"] - t1["fp_acc"])).abs().max() < 1e-6
     assert (t1.groupby("arch")["highlighted"].sum() == 2).all(), "one highlighted cell (R and D) per arch"
-    assert len(tables["table2"]) == len(cfg["kd"]["archs"])
-    assert len(tables["table3"]) == 9 * len(cfg["kd"]["archs"])
+    # Tables 2 and 3 at the highlighted cell and at the paper's (II-B for ResNet18, in the smoke grid)
+    t2 = tables["table2"]
+    assert t2["highlighted"].sum() == t2["paper_cell"].sum() == len(cfg["kd"]["archs"])
+    assert set(zip(t2.loc[t2["paper_cell"], "version"], t2.loc[t2["paper_cell"], "budget"])) == {("II", "B")}
+    assert len(tables["table3"]) == 9 * len(t2)
 
     for path in analysis_csvs(cfg):
         assert not pd.read_csv(smoke_run / path).empty, path

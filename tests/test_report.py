@@ -44,6 +44,17 @@ def seed_cell(seed):
     return ("III", "A") if seed == 1 else SUMMARY_CELL
 
 
+def paper_cell(arch):
+    """The paper's highlighted cell of ``arch`` as (version, budget)."""
+    return tuple(tables.paper_cell(arch).split("-"))
+
+
+def at_cell(seed, arch, cell):
+    """The leading columns of a Table 2 or 3 row at ``cell``."""
+    return dict(seed=seed, arch=arch, version=cell[0], budget=cell[1], highlighted=cell == seed_cell(seed),
+                paper_cell=cell == paper_cell(arch))
+
+
 def _table1(layers, seeds, rng):
     rows = []
     for seed in seeds:
@@ -146,10 +157,11 @@ def write_inputs(root: Path, layers=LAYERS, histogram_archs=HISTOGRAM_ARCHS, see
     t1.to_csv(paths["tables"]["table1"], index=False)
     summarise(t1).to_csv(paths["tables"]["summary"], index=False)
     effect_table(t1, make_config(layers, histogram_archs)).to_csv(paths["tables"]["effect"], index=False)
-    pd.DataFrame([dict(seed=s, arch=a, transitory_pct=transitory(a, s)) for s in seeds for a in layers]
+    at = [at_cell(s, a, cell) for s in seeds for a in layers for cell in dict.fromkeys([seed_cell(s), paper_cell(a)])]
+    pd.DataFrame([dict(c, transitory_pct=transitory(c["arch"], c["seed"]) + (not c["highlighted"])) for c in at]
                  ).to_csv(paths["tables"]["table2"], index=False)
-    pd.DataFrame([dict(seed=s, arch=a, network=net, policy=pol, q_acc=90 + rng.random(), fp_acc=95.0 - s)
-                  for s in seeds for a in layers for net in NETWORKS for pol in ("robust", "detrimental", "random")]
+    pd.DataFrame([dict(c, network=net, policy=pol, q_acc=90 + rng.random(), fp_acc=95.0 - c["seed"])
+                  for c in at for net in NETWORKS for pol in ("robust", "detrimental", "random")]
                  ).to_csv(paths["tables"]["table3"], index=False)
     for seed in seeds:
         for arch, n in layers.items():
@@ -258,12 +270,18 @@ def test_html_has_every_table_and_figure(built):
     assert page.tables["table1-summary"]["hl_rows"] == n_arch * 2
     assert page.tables["table1-tidy"]["rows"] == n_seeds * n_arch * n_cells * 2
     assert page.tables["table1-tidy"]["hl_rows"] == n_seeds * n_arch * 2  # each seed's own cell
-    assert page.tables["table2"]["rows"] == n_arch
-    assert page.tables["table3"]["rows"] == n_arch * (3 + 1)  # three policies and the FP row
+    # each arch at its seeds' own cells, then at the paper's (seed 1 highlights III-A, the others II-B)
+    assert page.tables["table2"]["rows"] == n_arch * 2
+    assert page.tables["table3"]["rows"] == n_arch * 2 * (3 + 1)  # three policies and the FP row
+    assert [row[:2] for row in page.tables["table2"]["text"]] == [
+        ["resnet18", "each seed's highlighted cell (II-B, III-A)"], ["resnet18", "the paper's cell (II-B)"],
+        ["mobilenetv4_conv_medium", "each seed's highlighted cell (II-B, III-A)"],
+        ["mobilenetv4_conv_medium", "the paper's cell (III-A)"]]
     assert page.tables["remedy"]["rows"] == n_seeds * n_arch * 2 * len(REMEDY_SETTINGS)
     assert page.tables["runtimes"]["rows"] == 3  # train_pair, distill, teacher
     assert page.tables["versions"]["rows"] >= 8
-    assert page.tables["reference"]["rows"] == 7 + 4 + 9  # 7 headline quantities, 4 at the paper's cell, Table 3
+    # 7 headline quantities, 4 + transitory points at the paper's cell, Table 3 there
+    assert page.tables["reference"]["rows"] == 7 + 5 + 9
     names = figures.figure_names(list(LAYERS), HISTOGRAM_ARCHS)
     assert len(page.images) == len(names)
     assert all(src.startswith("data:image/png;base64,") and len(src) > 10_000 for src in page.images)
@@ -289,10 +307,11 @@ def test_table_cells_show_mean_and_half_width(built):
                   & (summary["mode"] == "detrimental")].iloc[0]
     assert f"{row.delta_mean:+.2f} ±\u00a0{row.delta_ci95:.2f}" in text  # Table 1, paper layout
     t2 = pd.read_csv(built["tables"]["table2"])
-    values = t2[t2.arch == "resnet18"]["transitory_pct"]
-    assert f"{values.mean():.2f} ±\u00a0{half_width(values):.2f}" in text  # Table 2
+    for at in ("highlighted", "paper_cell"):
+        values = t2[(t2.arch == "resnet18") & t2[at]]["transitory_pct"]
+        assert f"{values.mean():.2f} ±\u00a0{half_width(values):.2f}" in text  # Table 2
     t3 = pd.read_csv(built["tables"]["table3"])
-    q = t3[(t3.arch == "resnet18") & (t3.policy == "random") & (t3.network == "robust")]["q_acc"]
+    q = t3[(t3.arch == "resnet18") & (t3.policy == "random") & (t3.network == "robust") & t3.highlighted]["q_acc"]
     assert f"{q.mean():.2f} ±\u00a0{half_width(q):.2f}" in text  # Table 3
 
 
@@ -302,6 +321,8 @@ def test_one_seed_has_no_intervals(built1):
     assert page.tables["table1-tidy"]["rows"] == page.tables["table1-summary"]["rows"] == len(VERSIONS) * len(BUDGETS) * 2
     assert page.tables["table1"]["hl_cells"] == 4
     assert page.tables["table2"]["rows"] == 1 and page.tables["remedy"]["rows"] == 2 * len(REMEDY_SETTINGS)
+    # seed 0 highlights II-B, the paper's cell: one group, named as both
+    assert page.tables["table2"]["text"][0][:2] == ["resnet18", "each seed's highlighted cell, the paper's (II-B)"]
     assert " ±\u00a0" not in text and "one seed" in text
     assert len(page.images) == len(figures.figure_names(["resnet18"], ["resnet18"])) == 4
     assert "No activation histograms" not in text
@@ -486,17 +507,20 @@ def test_a_bit_floor_gets_its_table_and_figure(tmp_path):
 
 
 def test_collapse_claim_is_not_applicable_where_the_cell_leaves_no_choice(built):
-    """Seed 1's own cell is III-A: options 5-10 and C = 5 N, so every layer takes 5 bits and all three
-    policies give that one allocation. "The collapse needs π_D" reads "not applicable" there and only
-    there; others_hold is still judged. N comes from dptq/layer_counts.yaml, the synthetic tables' N."""
+    """III-A (seed 1's own cell, and MobileNetV4's paper cell on every seed): options 5-10 and C = 5 N,
+    so every layer takes 5 bits and all three policies give that one allocation. "The collapse needs
+    π_D" reads "not applicable" there and only there; others_hold is still judged. N comes from
+    dptq/layer_counts.yaml, the synthetic tables' N."""
     from dptq.models import num_quantizable_layers
 
     assert {arch: num_quantizable_layers(arch) for arch in LAYERS} == LAYERS
     html = built["html"].read_text()
     rows = [dict(zip(claims.CROSS_POLICY_COLUMNS, row)) for row in Page(html).tables["cross-policy"]["text"]]
-    assert len(rows) == 3 * len(LAYERS)
+    # one row per seed, arch and cell: the seed's own, and the paper's where it differs
+    assert len(rows) == len({(s, a, c) for s in range(3) for a in LAYERS for c in (seed_cell(s), paper_cell(a))}) == 9
     for row in rows:
-        no_choice = row["seed"] == "1"
+        no_choice = (row["version"], row["budget"]) == ("III", "A")
+        assert row["paper_cell"] == ("yes" if (row["version"], row["budget"]) == paper_cell(row["arch"]) else "no")
         assert row["policy_has_choice"] == ("no" if no_choice else "yes")
         assert (row["collapse_needs_both"] == "not applicable") == no_choice
         assert row["others_hold"] in ("yes", "no")
@@ -522,8 +546,17 @@ def test_reference_shows_the_papers_cell_as_measured_here():
                                  "detrimental": {"fp_acc": 88.09, "delta": -24.39}},
                            "b": {"cell": "III-A", "robust": {"fp_acc": 86.95, "delta": -1.72},
                                  "detrimental": {"fp_acc": 84.30, "delta": -63.72}}}}
-    t3 = pd.DataFrame(columns=["arch", "policy", "network", "q_acc"])
-    rows = {row[0]: row[1:] for row in Page(report._reference_html(ours, summary, t3, ref)).tables["reference"]["text"]}
+    t2 = pd.DataFrame([dict(arch="a", cell="I-B", highlighted=True, paper_cell=False, transitory_pct=40.0),
+                       dict(arch="a", cell="II-B", highlighted=False, paper_cell=True, transitory_pct=12.5),
+                       dict(arch="b", cell="I-A", highlighted=True, paper_cell=False, transitory_pct=30.0)])
+    ours["a"]["transitory_pct"], ours["b"]["transitory_pct"] = 40.0, 30.0
+    t3 = pd.DataFrame([dict(arch="a", policy="detrimental", network="robust", q_acc=q, paper_cell=at)
+                       for q, at in ((91.0, False), (95.5, True))])
+    rows = {row[0]: row[1:] for row in Page(report._reference_html(ours, summary, t2, t3, ref)).tables["reference"]["text"]}
+    assert rows["transitory points (% of the test set), highlighted cell"] == ["–", "40.00", "–", "30.00", "–", "–"]
+    assert rows["transitory points (% of the test set), the paper's cell"] == ["–", "12.50", "–", "not run", "–", "–"]
+    assert rows["Table 3: R (robust) quantized with π_D (%), the paper's cell"] == [
+        "–", "95.50", "–", "not run", "–", "–"]
     # columns: a paper, a this run, b paper, b this run, c paper, c this run
     assert rows["highlighted cell (version-budget)"] == ["II-B", "I-B", "III-A", "I-A", "–", "–"]
     assert rows["D Δ = Q − FP (points), highlighted cell"] == ["-24.39", "-40.00", "-63.72", "-30.00", "–", "–"]

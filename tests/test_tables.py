@@ -147,8 +147,9 @@ def write_tables(folder, arch, seed=0, t1=None):
     if t1 is None:
         t1 = full_table1({("I", "A"): (88.0, -1.0, 87.5, -20.0)}, arch, seed, 88.1).assign(highlighted=True)
     t1[tables.TABLE1_COLUMNS].to_csv(folder / "table1.csv", index=False)
-    pd.DataFrame([dict(seed=seed, arch=arch, transitory_pct=12.5)]).to_csv(folder / "table2.csv", index=False)
-    pd.DataFrame([dict(seed=seed, arch=arch, network="robust", policy="random", q_acc=80.0, fp_acc=88.0)]).to_csv(
+    at = dict(seed=seed, arch=arch, version="I", budget="A", highlighted=True, paper_cell=False)
+    pd.DataFrame([dict(at, transitory_pct=12.5)]).to_csv(folder / "table2.csv", index=False)
+    pd.DataFrame([dict(at, network="robust", policy="random", q_acc=80.0, fp_acc=88.0)]).to_csv(
         folder / "table3.csv", index=False)
     return [folder / f"table{i}.csv" for i in (1, 2, 3)]
 
