@@ -367,10 +367,10 @@ def _effect_html(effect: pd.DataFrame) -> str:
     for arch, sub in effect.groupby("arch", sort=False):
         chosen = sub[sub["highlighted"]]
         row = {"arch": arch, "highlighted cell": chosen["cell"].iloc[0] if len(chosen) else "–"}
-        for seed, cells in sub.groupby("seed", sort=False):
+        for seed, of_seed in sub.groupby("seed", sort=False):
             at = chosen[chosen["seed"] == seed]
             row[f"seed {seed}: meets at the cell"] = bool(at["meets"].iloc[0]) if len(at) else None
-            row[f"seed {seed}: cells meeting"] = f"{int(cells['meets'].sum())} of {len(cells)}"
+            row[f"seed {seed}: cells meeting"] = f"{int(of_seed['meets'].sum())} of {len(of_seed)}"
         row["seeds meeting"] = f"{int(chosen['meets'].sum())} of {chosen['seed'].nunique()}"
         rows.append(row)
     return _html(pd.DataFrame(rows), "effect")
