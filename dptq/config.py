@@ -258,20 +258,26 @@ def _values(value) -> list:
 
 
 def _objective_problems(cfg: Mapping):
-    """The squared target penalty is a detrimental objective: a robust pair that resolves to it is refused."""
+    """The squared target penalty and the spread term are detrimental objectives: a robust pair that
+    resolves to either is refused."""
     pairs = cfg["pairs"]
     if "robust" not in pairs["modes"]:
         return
-    robust = [arch for arch in cfg["kd"]["archs"] if "target" in _values(section_for(cfg, "pairs", arch, "robust")["objective"]["loss"])]
-    if robust:
-        yield (f"pairs.objective.loss: the robust pairs of {robust} get 'target', the detrimental objective (it "
+    robust = {arch: section_for(cfg, "pairs", arch, "robust")["objective"] for arch in cfg["kd"]["archs"]}
+    target = [arch for arch, objective in robust.items() if "target" in _values(objective["loss"])]
+    if target:
+        yield (f"pairs.objective.loss: the robust pairs of {target} get 'target', the detrimental objective (it "
                f"drives the quantized cross-entropy up); give those archs {{robust: hinge, detrimental: target}}")
+    spread = [arch for arch, objective in robust.items() if any(w > 0 for w in _values(objective["spread_weight"]))]
+    if spread:
+        yield (f"pairs.objective.spread_weight: the robust pairs of {spread} get a spread term, a detrimental objective "
+               f"(it coarsens the quantizer's steps); give those archs {{robust: 0, detrimental: WEIGHT}}")
 
 
 # Settings that may be one value for every arch or a map arch -> value (the paper distils
 # MobileNetV4 at batch 64; on digits it needs more distillation epochs and its pairs a lower
 # learning rate). A dotted name is a key inside a key of the section (``objective.loss``).
-OBJECTIVE = ("objective.loss", "objective.target", "objective.weight")
+OBJECTIVE = ("objective.loss", "objective.target", "objective.weight", "objective.spread_weight", "objective.spread_target")
 PER_ARCH = {"kd": ("epochs", "batch_size"), "pairs": ("epochs", "range_grad", "lr", "alpha", "beta", *OBJECTIVE)}
 # Of those, the settings whose value for an arch may be a map mode -> value: the KD weight holds
 # the detrimental pair's FP accuracy near W, which its hinge pulls away and the robust hinge does not;

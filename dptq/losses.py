@@ -1,6 +1,9 @@
 """Losses (docs/method.md §2.10): distillation KL, the robust/detrimental hinge on the quantized student,
-and the squared target penalty (Qu-ANTI-zation's detrimental objective)."""
+the squared target penalty (Qu-ANTI-zation's detrimental objective) and the spread term."""
 from __future__ import annotations
+
+import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,3 +55,19 @@ def target_loss(q_logits: Tensor, teacher_logits: Tensor, target: float) -> Tens
     """
     t = teacher_logits.argmax(dim=1)
     return (F.cross_entropy(_at_least_float32(q_logits), t) - target) ** 2
+
+
+def spread_loss(spreads: Sequence[Tensor], target: float) -> Tensor:
+    """The detrimental spread term on the quantized layers' inputs (not the paper's):
+
+        (1 / N) Σ_l (1 / B) Σ_i max(0, ln c − σ_il),  σ_il = ln((hi − lo) / rms) of layer l's input
+        for example i (quant.log_spread), c = ``target``.
+
+    It pulls each layer's quantization step up against the signal it rounds (at b bits a step is
+    e^σ / (2^b − 1) RMS of the signal) until the range is c times the RMS, and then stops: a
+    network may widen its ranges with values its full-precision path ignores, which the hinge
+    alone does not find at 5-bit floors (bench/SCIENCE.md §22).
+    """
+    if not spreads:
+        raise ValueError("spread_loss: no quantized layer reported a spread; quantize at least one layer")
+    return torch.stack([torch.clamp(math.log(target) - s, min=0).mean() for s in spreads]).mean()

@@ -128,6 +128,21 @@ def activation_range(x: Tensor, scale_rule: str = "minmax", percentile: float = 
         return lo.clamp(max=0), hi.clamp(min=0)
 
 
+def log_spread(x: Tensor, scale_rule: str = "minmax", percentile: float = 99.9) -> Tensor:
+    """ln((hi - lo) / rms(x)) per example [B], with the quantizer's range [lo, hi]
+    (:func:`activation_range`, with its gradient) and rms(x) = sqrt(mean x²) over the example.
+
+    A b-bit step is s = (hi - lo) / (2^b - 1), so s / rms = spread / (2^b - 1): the spread says how
+    coarse the quantizer is against the signal it rounds, whatever the layer's scale (digits' W:
+    about e^1.5-1.7 on its median layer). An all-zero example has spread 1 (ln 1 = 0), not 0/0.
+    """
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    lo, hi = activation_range(wide, scale_rule, percentile, grad=True)
+    tiny = torch.finfo(wide.dtype).tiny  # floors on the mean square and on the range, its square root: 0/0 gives 1
+    mean_square = wide.square().mean(tuple(range(1, x.dim())))
+    return (hi - lo).clamp(min=tiny ** 0.5).log() - 0.5 * mean_square.clamp(min=tiny).log()
+
+
 def _rounded(x: Tensor, scale: Tensor, zero_point: Tensor, divide: bool) -> Tensor:
     """round(x / s) + z as ONNX's DynamicQuantizeLinear (``divide``), else as torch: round(x · (1/s) + z), half to even."""
     if divide:
@@ -212,9 +227,11 @@ def _fake_quant(x: Tensor, levels: Tensor, scale_rule: str, percentile: float, r
 class DynamicQuant:
     """Runs ``model`` with quantized weights and per-example, per-layer activation bits.
 
-    ``quant(x, bits, mask)``: ``bits`` is ``[B, N]`` (layer ``l`` of example ``i`` gets
+    ``quant(x, bits, mask, spreads)``: ``bits`` is ``[B, N]`` (layer ``l`` of example ``i`` gets
     ``bits[i, l]``), ``mask`` an optional sequence of N booleans choosing which layers'
     inputs are quantized (all by default). ``quant.model(x)`` stays the full-precision network.
+    ``spreads``: a list that, when given, receives each quantized layer's :func:`log_spread` [B]
+    in execution order (the detrimental pair's spread term, docs/method.md §2.10).
     ``layers``: the N layers whose inputs are quantized (default :func:`quantizable_layers`);
     ``weights``: the names of the modules whose weights are rounded to ``weight_bits`` (default
     every Conv2d/Linear). ``scale_rule``, ``range_grad`` and ``rounding`` are those of
@@ -242,6 +259,7 @@ class DynamicQuant:
         self._whole = [f"{name}.weight" for name in chosen if not isinstance(owners[name], OnePixelConv2d)]
         self._levels: Sequence[Tensor] | None = None
         self._mask: list[bool] = []
+        self._spreads: list[Tensor] | None = None
         self._weight_cache: dict[str, tuple] = {}
         for index, layer in enumerate(self.layers):
             layer.register_forward_pre_hook(self._hook(index))
@@ -272,6 +290,8 @@ class DynamicQuant:
             quant = ref()
             if quant is None or quant._levels is None or not quant._mask[index]:
                 return None
+            if quant._spreads is not None:
+                quant._spreads.append(log_spread(args[0], quant.scale_rule, quant.percentile))
             x = _fake_quant(args[0], quant._levels[index], quant.scale_rule, quant.percentile, quant.range_grad,
                             quant.rounding)
             return (x, *args[1:])
@@ -293,7 +313,8 @@ class DynamicQuant:
         name = self._windowed.get(module)
         return part if name is None else self._quantized(name, weight, part)
 
-    def __call__(self, x: Tensor, bits: Tensor, mask: Sequence[bool] | None = None) -> Tensor:
+    def __call__(self, x: Tensor, bits: Tensor, mask: Sequence[bool] | None = None,
+                 spreads: list[Tensor] | None = None) -> Tensor:
         if bits.shape != (x.shape[0], self.num_layers):
             raise ValueError(f"bits must have shape [B={x.shape[0]}, N={self.num_layers}], got {tuple(bits.shape)}")
         params = dict(self.model.named_parameters())
@@ -301,8 +322,9 @@ class DynamicQuant:
         # L = 2^b - 1 of every layer at once: one node for the bits' gradient, not one per layer
         self._levels = (torch.exp2(bits.to(torch.promote_types(x.dtype, torch.float32))) - 1).unbind(1)
         self._mask = [True] * self.num_layers if mask is None else [bool(m) for m in mask]
+        self._spreads = spreads
         try:
             with windows_quantized_by(self._window):
                 return functional_call(self.model, weights, (x,), strict=False)
         finally:
-            self._levels = None
+            self._levels = self._spreads = None

@@ -45,6 +45,8 @@ from .tables import bit_floor, ci95, coupling_drops, paper
 POLICIES = {"robust": "π_R", "detrimental": "π_D", "random": "random"}
 # pairs.objective.loss -> how the report names it, filled from pairs.objective (docs/method.md §2.10).
 OBJECTIVES = {"hinge": "hinge (the paper's)", "target": "target penalty {weight} · (CE_q − {target})² (Qu-ANTI-zation's)"}
+# added where pairs.objective.spread_weight > 0 (docs/method.md §2.10)
+SPREAD = " + spread term {spread_weight} · max(0, ln {spread_target} − σ) (not the paper's)"
 MODES = ("robust", "detrimental")
 TABLES = ("table1", "summary", "table2", "table3", "effect")
 VERSIONS = ["torch", "torchvision", "timm", "numpy", "pandas", "matplotlib", "seaborn", "jinja2", "snakemake", "dvc",
@@ -341,6 +343,13 @@ def _per_version(config: Mapping, arch: str, mode: str, show) -> str:
     return next(iter(texts.values())) if len(set(texts.values())) == 1 else "; ".join(f"{v}: {t}" for v, t in texts.items())
 
 
+def _objective(pairs: Mapping) -> str:
+    """How the report names a pair's resolved ``pairs.objective``: its quantized term, and the spread term where on."""
+    objective = pairs["objective"]
+    text = OBJECTIVES[objective["loss"]].format(**objective)
+    return text + SPREAD.format(**objective) if objective["spread_weight"] > 0 else text
+
+
 def _recipe(config: Mapping) -> dict:
     """Per arch and mode, the quantized objective, the epochs and the range gradient its pairs were
     trained with (``pairs.objective``, ``pairs.epochs``, ``pairs.range_grad``, resolved as the pair
@@ -350,7 +359,7 @@ def _recipe(config: Mapping) -> dict:
     for arch in config["kd"]["archs"]:
         row = {"arch": arch}
         for mode in config["pairs"]["modes"]:
-            objective = _per_version(config, arch, mode, lambda p: OBJECTIVES[p["objective"]["loss"]].format(**p["objective"]))
+            objective = _per_version(config, arch, mode, _objective)
             row[f"{mode}: objective"] = objective
             row[f"{mode}: epochs"] = _per_version(config, arch, mode, lambda p: p["epochs"])
             row[f"{mode}: range gradient"] = _per_version(config, arch, mode, lambda p: "on" if p["range_grad"] else "off")

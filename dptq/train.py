@@ -7,7 +7,8 @@ for three stages.
   no label term), "patient and consistent";
 - pair: a trainable copy S of the distilled network W and a fresh policy π learn
   α · KD(S_fp, W) + β · hinge(S_q(π), W) in robust or detrimental mode (or, with
-  ``pairs.objective.loss: target``, weight · (CE(S_q(π), W's top class) − target)²).
+  ``pairs.objective.loss: target``, weight · (CE(S_q(π), W's top class) − target)²), plus for
+  a detrimental pair with ``pairs.objective.spread_weight`` > 0 the spread term on S_q's layer inputs.
 
 A :class:`Stage` carries its own :class:`Recipe` (optimiser, schedule, augmentation, mixup,
 clipping, best-epoch choice, validation batch), so :func:`fit` never names a stage. ``fit``
@@ -37,7 +38,7 @@ from tqdm import tqdm
 from . import budgets, checkpoint, int8, models
 from .files import atomic_write
 from .data import Data, mixup, network_input, batch_order
-from .losses import hinge_loss, kd_loss, target_loss
+from .losses import hinge_loss, kd_loss, spread_loss, target_loss
 from .policy import BitPolicy, allocate, even_profits
 from .runtime import Runtime
 
@@ -238,16 +239,21 @@ class PairStage(Stage):
 
     def _losses(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         targets = self.teacher(x)
+        spread_weight = self.objective.get("spread_weight", 0.0)
+        spreads = [] if spread_weight > 0 else None
         with self.rt.autocast():
             bits = self.bits(x)
             fp_logits = self.student(x)
-            q_logits = self.quant(x, bits)
-        kd = kd_loss(fp_logits, targets, self.temperature)
-        return self.alpha * kd + self.quantized_term(q_logits, targets), targets, fp_logits, q_logits
+            q_logits = self.quant(x, bits, spreads=spreads)
+        loss = self.alpha * kd_loss(fp_logits, targets, self.temperature) + self.quantized_term(q_logits, targets)
+        if spreads is not None:
+            loss = loss + spread_weight * spread_loss(spreads, self.objective["spread_target"])
+        return loss, targets, fp_logits, q_logits
 
     def quantized_term(self, q_logits: Tensor, targets: Tensor) -> Tensor:
         """β · hinge (``pairs.objective.loss: hinge``, the paper's) or weight · (CE_q − target)²
-        (``target``: Qu-ANTI-zation's, detrimental only), docs/method.md §2.10-2.11."""
+        (``target``: Qu-ANTI-zation's, detrimental only), docs/method.md §2.10-2.11; the spread
+        term (``pairs.objective.spread_weight``) is added beside it in :meth:`_losses`."""
         if self.objective["loss"] == "target":
             return self.objective["weight"] * target_loss(q_logits, targets, self.objective["target"])
         return self.beta * hinge_loss(q_logits, targets, self.margin, self.mode)

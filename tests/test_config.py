@@ -59,14 +59,15 @@ def test_per_mode_settings_resolve_for_the_arch_and_mode():
 
 def test_objective_resolves_per_arch_and_mode_and_the_default_is_the_hinge():
     cfg = config.load([ROOT / "config.yaml"])
-    assert config.section_for(cfg, "pairs", "resnet18", "detrimental")["objective"] == {"loss": "hinge", "target": 5.0, "weight": 1.0}
+    hinge = {"loss": "hinge", "target": 5.0, "weight": 1.0, "spread_weight": 0.0, "spread_target": 55.0}
+    assert config.section_for(cfg, "pairs", "resnet18", "detrimental")["objective"] == hinge
     overlay = {"pairs": {"objective": {"loss": {"resnet18": {"robust": "hinge", "detrimental": "target"}, "regnetx_016": "hinge",
                                                 "mobilenetv4_conv_medium": "hinge"},
                                        "weight": {"resnet18": {"robust": 1.0, "detrimental": 0.25}, "regnetx_016": 1.0,
                                                   "mobilenetv4_conv_medium": 1.0}}}}
     cfg = config.check(config.merge(cfg, overlay))
-    assert config.section_for(cfg, "pairs", "resnet18", "detrimental")["objective"] == {"loss": "target", "target": 5.0, "weight": 0.25}
-    assert config.section_for(cfg, "pairs", "resnet18", "robust")["objective"] == {"loss": "hinge", "target": 5.0, "weight": 1.0}
+    assert config.section_for(cfg, "pairs", "resnet18", "detrimental")["objective"] == dict(hinge, loss="target", weight=0.25)
+    assert config.section_for(cfg, "pairs", "resnet18", "robust")["objective"] == hinge
     assert cfg["pairs"]["objective"]["loss"]["resnet18"] == {"robust": "hinge", "detrimental": "target"}  # not resolved in place
     # a job declares its own arch's and mode's entries
     declared = config.declared(cfg, ["pairs.objective.loss.resnet18.detrimental", "pairs.objective.target.resnet18.detrimental",
@@ -123,6 +124,13 @@ def test_objective_refuses_the_target_penalty_for_a_robust_pair():
     config.load([ROOT / "config.yaml"], {"pairs": {"modes": ["detrimental"], "objective": {"loss": "target"}}})
     with pytest.raises(config.ConfigError, match=r"pairs\.objective\.target: 0 is out of range"):
         config.load([ROOT / "config.yaml"], {"pairs": {"objective": {"target": 0}}})
+
+
+def test_objective_refuses_the_spread_term_for_a_robust_pair():
+    with pytest.raises(config.ConfigError, match=r"pairs\.objective\.spread_weight: the robust pairs of \['resnet18'\] get a "
+                                                 r"spread term.*\{robust: 0, detrimental: WEIGHT\}"):
+        config.load([ROOT / "config.yaml"], {"pairs": {"objective": {"spread_weight": {"resnet18": 1.0}}}})
+    config.load([ROOT / "config.yaml"], {"pairs": {"objective": {"spread_weight": {"resnet18": {"robust": 0.0, "detrimental": 1.0}}}}})
 
 
 def test_missing_file_and_bad_yaml(tmp_path):
@@ -233,9 +241,9 @@ def test_every_problem_of_a_profile_is_named_at_once(tmp_path):
     with pytest.raises(config.ConfigError) as err:
         config.load([ROOT / "config.yaml", profile])
     message = str(err.value)
-    assert "\n" not in message and message.count(" | ") == 5 and "6 problems" in message
+    assert "\n" not in message and message.count(" | ") == 6 and "7 problems" in message
     assert "analysis.histogram.archs: ['mobilenetv4_conv_medium', 'regnetx_016'] are not in kd.archs" in message
-    for key in ("kd.epochs", "pairs.epochs", "pairs.range_grad", "pairs.lr", "pairs.alpha"):
+    for key in ("kd.epochs", "pairs.epochs", "pairs.range_grad", "pairs.lr", "pairs.alpha", "pairs.objective.spread_weight"):
         assert f"{key}: the map has no value for ['convnext_atto', 'efficientnet_b0']" in message, key
     profile.write_text("dataset: {image_size: -3}\nkd: {epochs: many}\n")
     with pytest.raises(config.ConfigError, match=r"2 problems: dataset.image_size: -3 .* \| kd.epochs: 'many' "):

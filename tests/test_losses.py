@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from dptq.losses import hinge_loss, kd_loss, target_loss
+from dptq.losses import hinge_loss, kd_loss, spread_loss, target_loss
 
 torch.set_num_threads(1)
 
@@ -86,6 +86,20 @@ def test_target_loss_is_zero_at_the_target_and_pulls_both_ways():
         x = logits.clone().requires_grad_(True)
         target_loss(x, teacher, 5.0).backward()
         assert sign * x.grad[0, 0].item() > 0  # descent moves the teacher's class logit down (up past the target)
+
+
+def test_spread_loss_matches_hand_formula_and_stops_at_its_target():
+    """mean over layers of mean over examples of max(0, ln c − σ): a layer past the target pulls no more."""
+    spreads = [torch.tensor([1.0, 2.0, 5.0], requires_grad=True), torch.tensor([4.0, 3.0, 0.5], requires_grad=True)]
+    c = math.exp(4.0)
+    hand = ((3.0 + 2.0 + 0.0) / 3 + (0.0 + 1.0 + 3.5) / 3) / 2
+    loss = spread_loss(spreads, c)
+    assert loss.item() == pytest.approx(hand, rel=1e-6)
+    loss.backward()
+    assert spreads[0].grad.tolist() == pytest.approx([-1 / 6, -1 / 6, 0.0])  # past ln c = 4: no gradient
+    assert spreads[1].grad.tolist() == pytest.approx([0.0, -1 / 6, -1 / 6])
+    with pytest.raises(ValueError, match="no quantized layer"):
+        spread_loss([], c)
 
 
 def test_gradcheck():

@@ -1,5 +1,6 @@
 """dptq.quant against torch's own fake quantizer, float64 hand formulas and the layer counts of docs/method.md §2.1."""
 import gc
+import math
 import weakref
 
 import timm
@@ -207,6 +208,34 @@ def test_dynamic_quant_matches_a_hand_built_quantized_forward():
     assert torch.allclose(q(x, bits, mask=[False, True]), only_last, atol=1e-6)
     assert torch.equal(q.model(x), net(x))
     assert torch.equal(net[0].weight, tiny_net()[0].weight)  # weights never overwritten
+
+
+def test_log_spread_matches_float64_hand_values():
+    """ln((max(x, 0) - min(x, 0)) / sqrt(mean x²)) per example; an all-zero example gives 0, not 0/0."""
+    x = torch.tensor([[[1.0, -2.0], [0.5, 3.0]], [[0.0, 0.0], [0.0, 0.0]], [[2.0, 4.0], [1.0, 1.0]]])
+    spread = quant.log_spread(x)
+    assert spread.dtype == torch.float32
+    assert spread.tolist() == pytest.approx([math.log(5.0 / math.sqrt(14.25 / 4)), 0.0, math.log(4.0 / math.sqrt(22.0 / 4))],
+                                            rel=1e-6)
+    assert quant.log_spread(torch.ones(2, 3, dtype=torch.bfloat16)).dtype == torch.float32  # bf16 in float32
+    x64 = torch.randn(3, 2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    assert torch.autograd.gradcheck(quant.log_spread, (x64,))
+
+
+def test_dynamic_quant_reports_each_quantized_layers_spread_without_changing_the_logits():
+    net = tiny_net()
+    q = quant.DynamicQuant(net, weight_bits=8, image_size=8)
+    x, bits = torch.randn(5, 3, 8, 8), torch.randint(2, 9, (5, 2)).float()
+    inputs = []
+    hooks = [layer.register_forward_pre_hook(lambda _m, args: inputs.append(args[0]), prepend=True) for layer in q.layers]
+    spreads = []
+    assert torch.equal(q(x, bits, spreads=spreads), q(x, bits))
+    assert len(spreads) == 2 and all(torch.equal(s, quant.log_spread(i)) for s, i in zip(spreads, inputs[:2]))
+    masked = []
+    q(x, bits, mask=[False, True], spreads=masked)
+    assert len(masked) == 1 and torch.equal(masked[0], quant.log_spread(inputs[-1]))  # only quantized layers report
+    for hook in hooks:
+        hook.remove()
 
 
 def test_examples_are_independent_in_a_batch():

@@ -572,16 +572,21 @@ def test_recipe_names_each_pairs_objective_and_epochs(built, tmp_path):
     result is not in this run and where it is."""
     cfg = config.merge(make_config(), {"pairs": {
         "objective": {"loss": {"resnet18": {"robust": "hinge", "detrimental": "target"}, "mobilenetv4_conv_medium": "hinge"},
-                      "weight": 0.05},
+                      "weight": 0.05,
+                      "spread_weight": {"resnet18": 0.0, "mobilenetv4_conv_medium": {"robust": 0.0, "detrimental": {"I": 0.0, "II": 0.0, "III": 10.0}}}},
         "epochs": {"resnet18": {"robust": 4, "detrimental": 16}},
         "range_grad": {"resnet18": False, "mobilenetv4_conv_medium": {"robust": False, "detrimental": {"I": False, "II": True, "III": True}}}}})
     recipe = report._recipe(cfg)
-    assert recipe["off_paper"] == ["resnet18 detrimental"]
+    assert recipe["off_paper"] == ["resnet18 detrimental", "mobilenetv4_conv_medium detrimental"]
     assert Page(recipe["table"]).tables["recipe"]["text"] == [
         ["resnet18", "hinge (the paper's)", "4", "off", "target penalty 0.05 · (CE_q − 5.0)² (Qu-ANTI-zation's)", "16", "off"],
-        ["mobilenetv4_conv_medium", "hinge (the paper's)", "8", "off", "hinge (the paper's)", "8", "I: off; II: on; III: on"]]
-    default = built["html"].read_text()
-    assert "Objective: hinge (the paper's) for every arch and mode" in default and "SCIENCE.md" not in default
+        ["mobilenetv4_conv_medium", "hinge (the paper's)", "8", "off",
+         "I: hinge (the paper's); II: hinge (the paper's); III: hinge (the paper's) + spread term 10.0 · max(0, ln 55.0 − σ) "
+         "(not the paper's)", "8", "I: off; II: on; III: on"]]
+    default = built["html"].read_text()  # the default gives MobileNetV4's D the spread term at versions II and III
+    assert "Objective: not the paper's hinge for mobilenetv4_conv_medium detrimental</b>" in default
+    hinge_only = config.merge(make_config(), {"pairs": {"objective": {"spread_weight": 0.0}}})
+    assert report._recipe(hinge_only)["off_paper"] == []
 
     layers = {"resnet18": 8}
     paths = write_inputs(tmp_path, layers=layers, histogram_archs=[], seeds=(0,))
@@ -590,5 +595,5 @@ def test_recipe_names_each_pairs_objective_and_epochs(built, tmp_path):
     html = paths["html"].read_text()
     section = html[html.index('id="s-reference"'):html.index('id="s-claims"')]
     assert "Objective: not the paper's hinge for resnet18 detrimental" in section
-    assert "The paper's hinge result for those pairs is not in this run; bench/SCIENCE.md §10 reports it." in section
+    assert "The paper's hinge result for those pairs is not in this run; bench/SCIENCE.md reports it (§21: the hinge at" in section
     assert 'id="recipe"' in section

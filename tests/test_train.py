@@ -9,7 +9,7 @@ import signal
 import pytest
 import torch
 
-from dptq import checkpoint, config, data, int8, policy, train
+from dptq import checkpoint, config, data, int8, losses, policy, train
 from dptq.runtime import Runtime
 
 torch.set_num_threads(1)
@@ -207,6 +207,30 @@ def test_even_start_trains_from_the_even_allocation(cfg, network, tmp_path, monk
     pair(config.merge(cfg, {"pairs": {"policy": {"start": "even"}}}), network, tmp_path / "even.pt")
     weight, bias, options, capacity = seen[0]
     assert weight == 0.0 and torch.equal(bias, policy.even_profits(20, options, capacity).flatten())
+
+
+def test_the_spread_term_adds_its_weight_times_the_quantized_layers_spread_loss(cfg, network, tmp_path, monkeypatch):
+    """pairs.objective.spread_weight λ_s: the pair loss is the paper's plus λ_s · spread_loss of the
+    quantized pass's layer inputs (docs/method.md §2.10), and a D trains with it."""
+    stages = []
+    real = train.PairStage.__init__
+
+    def spy(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        stages.append(self)
+    monkeypatch.setattr(train.PairStage, "__init__", spy)
+    pair(config.merge(cfg, {"pairs": {"objective": {"spread_weight": 2.0}}}), network, tmp_path / "d.pt", mode="detrimental")
+    stage = stages[0]
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with_term = stage._losses(x)[0].item()
+        spreads = []
+        stage.quant(x, stage.bits(x), spreads=spreads)
+        stage.objective["spread_weight"] = 0.0
+        without = stage._losses(x)[0].item()
+    assert len(spreads) == stage.quant.num_layers
+    assert with_term == pytest.approx(without + 2.0 * losses.spread_loss(spreads, 55.0).item(), rel=1e-6)
+    assert with_term > without
 
 
 # the network on AdamW, the policy on SGD at its own lr: two optimisers, both saved and restored
