@@ -153,7 +153,7 @@ def tiny_config() -> dict:
     cfg["kd"]["archs"] = [ARCH]
     # the default's per-arch maps do not name the test arch
     cfg["pairs"]["lr"], cfg["pairs"]["epochs"], cfg["pairs"]["alpha"], cfg["kd"]["epochs"] = 0.03, 2, 1.0, 20
-    cfg["pairs"]["range_grad"] = False
+    cfg["pairs"]["range_grad"], cfg["pairs"]["objective"]["spread_weight"] = False, 0.0
     cfg["analysis"]["histogram"]["archs"] = [ARCH]
     cfg["pairs"]["versions"], cfg["pairs"]["budget_offset"] = {"I": [3, 10]}, {"I": 0}
     cfg["pairs"]["budgets"] = {"B": 5.5, "A": 4.0}  # out of level order: the tie rule sorts by level
