@@ -326,6 +326,27 @@ def cells(pairs: Mapping, names: Sequence[str] | None = None) -> dict[str, tuple
     return {name: tuple(name.partition("-")[::2]) for name in (grid_cells(pairs) if names is None else names)}
 
 
+def off_hinge(objective: Mapping) -> bool:
+    """Whether a resolved ``pairs.objective`` is not the paper's hinge alone (the target penalty, or a spread term)."""
+    return objective["loss"] != "hinge" or objective["spread_weight"] > 0
+
+
+def hinge_alone(pairs: Mapping) -> dict:
+    """A resolved pairs section with the paper's hinge as its only quantized term, every other setting
+    kept: the ablation trained beside an off-hinge detrimental pair (``pairs.hinge_beside``)."""
+    return {**pairs, "objective": {"loss": "hinge", "spread_weight": 0.0}}
+
+
+def hinge_beside(cfg: Mapping, arch: str, cell: str | None) -> list[tuple[str, str]]:
+    """``[(version, budget)]`` of ``cell`` (the paper's for ``arch``) when ``pairs.hinge_beside`` is on,
+    the grid trains its detrimental pair and that pair's objective is off the hinge; else ``[]``."""
+    pairs, grid = cfg["pairs"], cells(cfg["pairs"])
+    if not pairs["hinge_beside"] or cell not in grid or "detrimental" not in pairs["modes"]:
+        return []
+    version = grid[cell][0]
+    return [grid[cell]] if off_hinge(section_for(cfg, "pairs", arch, "detrimental", version)["objective"]) else []
+
+
 def seeds(cfg: Mapping) -> list[int]:
     """The training seeds: ``seed`` is one seed or a list of them (docs/method.md §1)."""
     seed = cfg["seed"]

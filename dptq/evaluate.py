@@ -21,7 +21,7 @@ from .data import Data
 from .policy import RandomPolicy, allocate
 from .quant import DynamicQuant
 from .runtime import Runtime
-from .tables import TABLE1_COLUMNS, TABLE2_COLUMNS, TABLE3_COLUMNS, budget_order, highlight
+from .tables import HINGE_COLUMNS, TABLE1_COLUMNS, TABLE2_COLUMNS, TABLE3_COLUMNS, budget_order, highlight
 
 @torch.no_grad()
 def predict(quant: DynamicQuant, loader, rt: Runtime, profits: str = "logits", *, policy=None,
@@ -74,10 +74,25 @@ def transitory_pct(fp_r_correct, fp_d_correct, q_d_correct) -> float:
     return 100.0 * (flags[0] & flags[1] & ~flags[2]).float().mean().item()
 
 
+def _pair_accuracy(pair: Pair, loader, rt: Runtime, profits: str, labels: Tensor) -> tuple[Tensor, Tensor, dict]:
+    """A pair's predictions at full precision and quantized by its own policy, and its Table 1
+    columns: cell, options, capacity, fp_acc, q_acc and Δ = q_acc − fp_acc."""
+    fp = predict(pair.quant, loader, rt)[0]
+    q = predict(pair.quant, loader, rt, profits, policy=pair.policy, options=pair.options, capacity=pair.capacity)[0]
+    fp_acc, q_acc = accuracy(fp, labels), accuracy(q, labels)
+    cell = pair.cell
+    return fp, q, dict(version=cell["version"], budget=cell["budget"], mode=cell["mode"],
+                       options=f"{min(pair.options)}-{max(pair.options)}", capacity=pair.capacity,
+                       fp_acc=fp_acc, q_acc=q_acc, delta=q_acc - fp_acc)
+
+
 def evaluate_arch(seed: int, arch: str, network: str | Path, pairs: Sequence[str | Path], out: Mapping[str, str | Path], *,
                   dataset: Mapping, runtime: Mapping, quant: Mapping, profits: str, batch_size: int,
-                  highlight_max_fp_gap: float, random_policy_seed: int, paper_cell: str | None = None) -> None:
-    """Tables 1-3 of one arch and seed into ``out["table1"]``, ``out["table2"]``, ``out["table3"]``.
+                  highlight_max_fp_gap: float, random_policy_seed: int, paper_cell: str | None = None,
+                  hinge_pairs: Sequence[str | Path] = ()) -> None:
+    """Tables 1-3 of one arch and seed into ``out["table1"]``, ``out["table2"]``, ``out["table3"]``, and
+    the detrimental pairs trained with the hinge alone (``hinge_pairs``, ``pairs.hinge_beside``) into
+    ``out["hinge"]`` (Table 1's columns for them; no rows when there are none).
 
     ``network`` is the distilled white-box checkpoint, ``pairs`` every pair checkpoint of the arch
     (each knows its cell; Table 1 keeps their order); all must be ``arch``'s. Every (network, policy) combination is one
@@ -93,18 +108,15 @@ def evaluate_arch(seed: int, arch: str, network: str | Path, pairs: Sequence[str
     fp, q, paths, rows, levels = {}, {}, {}, [], {}
     for path in tqdm(pairs, desc=f"{arch}: table 1", leave=False):
         pair = checkpoint.pair(path, rt, test.image_size, quant, arch)
-        cell = pair.cell
-        key = (cell["version"], cell["budget"], cell["mode"])
-        levels[cell["budget"]] = cell["level"]
+        key = (pair.cell["version"], pair.cell["budget"], pair.cell["mode"])
+        levels[pair.cell["budget"]] = pair.cell["level"]
         paths[key] = path
-        fp[key] = predict(pair.quant, loader, rt)[0]
-        q[key] = predict(pair.quant, loader, rt, profits, policy=pair.policy, options=pair.options,
-                         capacity=pair.capacity)[0]
-        fp_acc, q_acc = accuracy(fp[key], labels), accuracy(q[key], labels)
-        rows.append(dict(seed=seed, arch=arch, version=key[0], budget=key[1], mode=key[2],
-                         options=f"{min(pair.options)}-{max(pair.options)}", capacity=pair.capacity,
-                         fp_acc=fp_acc, q_acc=q_acc, delta=q_acc - fp_acc))
+        fp[key], q[key], row = _pair_accuracy(pair, loader, rt, profits, labels)
+        rows.append(dict(seed=seed, arch=arch, **row))
     table1 = pd.DataFrame(rows)
+    hinge = [dict(seed=seed, arch=arch, **_pair_accuracy(checkpoint.pair(path, rt, test.image_size, quant, arch),
+                                                         loader, rt, profits, labels)[2])
+             for path in hinge_pairs]
     versions = list(dict.fromkeys(table1["version"]))
     version, budget = highlight(table1, highlight_max_fp_gap, budget_order(levels), versions)
     table1["highlighted"] = (table1["version"] == version) & (table1["budget"] == budget)
@@ -125,7 +137,8 @@ def evaluate_arch(seed: int, arch: str, network: str | Path, pairs: Sequence[str
                                    known=(fp, q, r, d)).assign(**at))
     table2, table3 = pd.DataFrame(table2), pd.concat(table3, ignore_index=True)
     for name, table, columns in (("table1", table1, TABLE1_COLUMNS), ("table2", table2, TABLE2_COLUMNS),
-                                 ("table3", table3, TABLE3_COLUMNS)):
+                                 ("table3", table3, TABLE3_COLUMNS), ("hinge", pd.DataFrame(hinge, columns=HINGE_COLUMNS),
+                                                                     HINGE_COLUMNS)):
         Path(out[name]).parent.mkdir(parents=True, exist_ok=True)
         table[columns].to_csv(out[name], index=False)
 

@@ -40,7 +40,7 @@ from .audit_record import AuditResult
 from .config import cell_name, cells, section_for
 from .figures import MAX_HISTOGRAM_LAYERS, NETWORKS, figure_kind, figure_names, read
 from .models import num_quantizable_layers
-from .tables import bit_floor, ci95, coupling_drops, paper
+from .tables import HINGE_COLUMNS, bit_floor, ci95, coupling_drops, paper, read_table
 
 POLICIES = {"robust": "π_R", "detrimental": "π_D", "random": "random"}
 # pairs.objective.loss -> how the report names it, filled from pairs.objective (docs/method.md §2.10).
@@ -48,7 +48,7 @@ OBJECTIVES = {"hinge": "hinge (the paper's)", "target": "target penalty {weight}
 # added where pairs.objective.spread_weight > 0 (docs/method.md §2.10)
 SPREAD = " + spread term {spread_weight} · max(0, ln {spread_target} − σ) (not the paper's)"
 MODES = ("robust", "detrimental")
-TABLES = ("table1", "summary", "table2", "table3", "effect")
+TABLES = ("table1", "summary", "table2", "table3", "effect", "hinge")
 VERSIONS = ["torch", "torchvision", "timm", "numpy", "pandas", "matplotlib", "seaborn", "jinja2", "snakemake", "dvc",
             "onnx", "onnxruntime"]
 TEMPLATES = Path(__file__).with_name("templates")
@@ -350,11 +350,26 @@ def _objective(pairs: Mapping) -> str:
     return text + SPREAD.format(**objective) if objective["spread_weight"] > 0 else text
 
 
-def _recipe(config: Mapping) -> dict:
+def _hinge_beside(t1: pd.DataFrame, hinge: pd.DataFrame) -> str | None:
+    """Per seed, the detrimental pair with this run's objective beside the same pair with the hinge
+    alone (``pairs.hinge_beside``): FP and Δ of each; None when no hinge-alone pair was trained."""
+    if hinge.empty:
+        return None
+    cell = ["seed", "arch", "version", "budget"]
+    recipe = t1[t1["mode"] == "detrimental"].set_index(cell)
+    rows = [{"arch": h.arch, "cell": cell_name(h.version, h.budget), "seed": h.seed,
+             "D FP, this objective": recipe.at[(h.seed, h.arch, h.version, h.budget), "fp_acc"],
+             "D Δ, this objective": recipe.at[(h.seed, h.arch, h.version, h.budget), "delta"],
+             "D FP, the hinge alone": h.fp_acc, "D Δ, the hinge alone": h.delta} for h in hinge.itertuples()]
+    return _html(pd.DataFrame(rows), "hinge-beside", signed=["D Δ, this objective", "D Δ, the hinge alone"])
+
+
+def _recipe(config: Mapping, t1: pd.DataFrame, hinge: pd.DataFrame) -> dict:
     """Per arch and mode, the quantized objective, the epochs and the range gradient its pairs were
     trained with (``pairs.objective``, ``pairs.epochs``, ``pairs.range_grad``, resolved as the pair
-    jobs resolve them, per version where they differ), and the pairs not trained with the paper's
-    hinge: a number beside the paper's compares like with like only under the paper's objective."""
+    jobs resolve them, per version where they differ), the pairs not trained with the paper's
+    hinge (a number beside the paper's compares like with like only under the paper's objective)
+    and, where trained, those pairs with the hinge alone beside them (:func:`_hinge_beside`)."""
     rows, off_paper = [], []
     for arch in config["kd"]["archs"]:
         row = {"arch": arch}
@@ -366,7 +381,7 @@ def _recipe(config: Mapping) -> dict:
             if objective != OBJECTIVES["hinge"]:
                 off_paper.append(f"{arch} {mode}")
         rows.append(row)
-    return {"table": _html(pd.DataFrame(rows), "recipe"), "off_paper": off_paper}
+    return {"table": _html(pd.DataFrame(rows), "recipe"), "off_paper": off_paper, "beside": _hinge_beside(t1, hinge)}
 
 
 def _effect_html(effect: pd.DataFrame) -> str:
@@ -454,7 +469,7 @@ def build(tables: Mapping, remedy, layer_scan, figures_dir, captions_dir, benchm
           audit_coupling: Sequence[str | Path] = ()) -> None:
     """Write the self-contained report page and the headline metrics JSON.
 
-    ``tables``: paths under the keys ``table1``, ``summary``, ``table2``, ``table3``, ``effect``;
+    ``tables``: paths under the keys ``table1``, ``summary``, ``table2``, ``table3``, ``effect``, ``hinge``;
     ``remedy`` and ``layer_scan``: the remedy.csv and layer_scan.csv paths (one per seed and arch);
     ``audits``, ``audit_cells``, ``audit_coupling``: the audit.json, cells.csv and coupling.csv of
     every audited model (their figures lie in ``figures_dir``);
@@ -469,6 +484,9 @@ def build(tables: Mapping, remedy, layer_scan, figures_dir, captions_dir, benchm
     t1, summary = read(tables["table1"], "table1"), read(tables["summary"], "summary")
     t2, t3 = read(tables["table2"], "table2"), read(tables["table3"], "table3")
     effect, scan, rem = read(tables["effect"], "effect"), read(layer_scan, "layer_scan"), read(remedy, "remedy")
+    hinge = read_table(tables["hinge"])  # no rows where every pair is on the hinge
+    if list(hinge.columns) != HINGE_COLUMNS:
+        raise ValueError(f"{tables['hinge']}: columns {list(hinge.columns)}, expected {HINGE_COLUMNS}; re-run the tables job")
     archs, histogram_archs = list(config["kd"]["archs"]), list(config["analysis"]["histogram"]["archs"])
     floor = bit_floor(summary)
     names = figure_names(archs, histogram_archs, not floor.empty)
@@ -494,7 +512,7 @@ def build(tables: Mapping, remedy, layer_scan, figures_dir, captions_dir, benchm
         n_seeds=int(summary["n_seeds"].max()),
         fig1=images["fig1_table1"], figures=[images[n] for n in names if n != "fig1_table1"],
         no_histograms=[a for a in archs if a not in histogram_archs],
-        reference=_reference_html(metrics, summary, t2, t3, ref), recipe=_recipe(config),
+        reference=_reference_html(metrics, summary, t2, t3, ref), recipe=_recipe(config, t1, hinge),
         table1=_table1_html(summary),
         table1_summary=_rows_html(summary, "table1-summary", "delta_mean"),
         table1_tidy=_rows_html(t1, "table1-tidy", "delta"),

@@ -24,6 +24,8 @@ TABLE1_COLUMNS = ["seed", "arch", "version", "budget", "mode", "options", "capac
 AT_CELL = ["seed", "arch", "version", "budget", "highlighted", "paper_cell"]
 TABLE2_COLUMNS = [*AT_CELL, "transitory_pct"]
 TABLE3_COLUMNS = [*AT_CELL, "network", "policy", "q_acc", "fp_acc"]
+# the detrimental pairs trained with the paper's hinge alone beside an off-hinge one (pairs.hinge_beside)
+HINGE_COLUMNS = ["seed", "arch", "version", "budget", "mode", "options", "capacity", "fp_acc", "q_acc", "delta"]
 SUMMARY_COLUMNS = ["arch", "version", "budget", "mode", "options", "capacity", "n_seeds",
                    *(f"{c}_{s}" for c in ("fp_acc", "q_acc", "delta", "white_box_acc") for s in ("mean", "ci95")),
                    "seeds_meeting_effect", "highlighted"]
@@ -181,15 +183,16 @@ def bit_floor(summary: pd.DataFrame) -> pd.DataFrame:
     return summary[single].assign(bits=low_high.loc[single, 0].astype(int))[BIT_FLOOR_COLUMNS].reset_index(drop=True)
 
 
-def merge_tables(table1: Sequence, table2: Sequence, table3: Sequence, out: Mapping[str, str | Path], *,
+def merge_tables(table1: Sequence, table2: Sequence, table3: Sequence, hinge: Sequence, out: Mapping[str, str | Path], *,
                  highlight_max_fp_gap: float, budget_levels: Mapping[str, float], effect: Mapping) -> None:
-    """Concatenate the per-(seed, arch) tables into ``out["table1"]``, ``["table2"]``, ``["table3"]``;
+    """Concatenate the per-(seed, arch) tables into ``out["table1"]``, ``["table2"]``, ``["table3"]``,
+    ``["hinge"]`` (the hinge-alone pairs, ``pairs.hinge_beside``);
     write ``out["effect"]`` (:func:`dptq.claims.effect` with the thresholds ``effect``, the cell
     highlighted on the means marked), ``out["summary"]`` (:func:`summarize`) and
     ``out["bit_floor"]`` (:func:`bit_floor`)."""
     merged = {}
     for name, paths, columns in (("table1", table1, TABLE1_COLUMNS), ("table2", table2, TABLE2_COLUMNS),
-                                 ("table3", table3, TABLE3_COLUMNS)):
+                                 ("table3", table3, TABLE3_COLUMNS), ("hinge", hinge, HINGE_COLUMNS)):
         tables = [read_table(p) for p in paths]
         for path, table in zip(paths, tables):
             if list(table.columns) != columns:

@@ -211,9 +211,11 @@ def run(checkpoints, tmp_path_factory):
     build = data.Data.build
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(data.Data, "build", lambda self, split, randaugment=None: Subset(build(self, split, randaugment), range(16)))
-        written = {name: root / "tables" / f"{name}.csv" for name in ("table1", "table2", "table3")}
+        written = {name: root / "tables" / f"{name}.csv" for name in ("table1", "table2", "table3", "hinge")}
+        # the B detrimental pair stands in for a hinge-alone pair: its row must repeat Table 1's
         evaluate.evaluate_arch(SEED, ARCH, white, pairs, written, dataset=cfg["dataset"], runtime=cfg["runtime"],
                                quant=cfg["quant"], profits=cfg["pairs"]["policy"]["profits"], paper_cell=PAPER_CELL,
+                               hinge_pairs=pairs[1:2],
                                **{k: v for k, v in cfg["evaluate"].items() if k != "effect"})  # the tables job's key
         out, a, table1 = root / "analysis", cfg["analysis"], written["table1"]
         job = start(cfg)
@@ -230,9 +232,17 @@ def run(checkpoints, tmp_path_factory):
 
 def test_every_csv_starts_with_the_training_seed(run):
     _, t = run
-    assert len(t) == 8
+    assert len(t) == 9
     for name, table in t.items():
         assert table.columns[0] == "seed" and (table["seed"] == SEED).all(), name
+
+
+def test_evaluate_arch_hinge_pairs_get_table1s_columns_and_numbers(run):
+    _, t = run
+    assert list(t["hinge"].columns) == tables.HINGE_COLUMNS
+    row = t["table1"].iloc[[1]][tables.HINGE_COLUMNS].reset_index(drop=True)
+    assert row[["budget", "mode"]].values.tolist() == [["B", "detrimental"]]
+    pd.testing.assert_frame_equal(t["hinge"], row)
 
 
 def in_percent(series) -> bool:

@@ -133,6 +133,25 @@ def test_objective_refuses_the_spread_term_for_a_robust_pair():
     config.load([ROOT / "config.yaml"], {"pairs": {"objective": {"spread_weight": {"resnet18": {"robust": 0.0, "detrimental": 1.0}}}}})
 
 
+def test_hinge_beside_the_off_hinge_detrimental_pair_at_the_papers_cell():
+    """The default trains a hinge-alone D at MobileNetV4's III-A and RegNetX's III-B (their D there has the
+    spread term), none at ResNet18's II-B (on the hinge), none when off or when the cell is not trained."""
+    cfg = config.load([ROOT / "config.yaml"])
+    beside = {arch: config.hinge_beside(cfg, arch, cell) for arch, cell in
+              (("resnet18", "II-B"), ("mobilenetv4_conv_medium", "III-A"), ("regnetx_016", "III-B"))}
+    assert beside == {"resnet18": [], "mobilenetv4_conv_medium": [("III", "A")], "regnetx_016": [("III", "B")]}
+    assert config.hinge_beside(cfg, "mobilenetv4_conv_medium", None) == []
+    assert config.hinge_beside(config.merge(cfg, {"pairs": {"hinge_beside": False}}), "regnetx_016", "III-B") == []
+    assert config.hinge_beside(config.merge(cfg, {"pairs": {"cells": ["I-A"]}}), "regnetx_016", "III-B") == []
+    target = config.merge(cfg, {"pairs": {"objective": {"loss": {"resnet18": {"robust": "hinge", "detrimental": "target"}}}}})
+    assert config.hinge_beside(target, "resnet18", "II-B") == [("II", "B")]
+    section = config.section_for(cfg, "pairs", "regnetx_016", "detrimental", "III")
+    alone = config.hinge_alone(section)
+    assert alone["objective"] == {"loss": "hinge", "spread_weight": 0.0} and config.off_hinge(section["objective"])
+    assert not config.off_hinge(alone["objective"])
+    assert {k: v for k, v in alone.items() if k != "objective"} == {k: v for k, v in section.items() if k != "objective"}
+
+
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(config.ConfigError, match="not found"):
         config.load([tmp_path / "nope.yaml"])

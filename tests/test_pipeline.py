@@ -31,6 +31,7 @@ TABLE_COLUMNS = {
                "highlighted", "white_box_acc"],
     "table2": ["seed", "arch", "version", "budget", "highlighted", "paper_cell", "transitory_pct"],
     "table3": ["seed", "arch", "version", "budget", "highlighted", "paper_cell", "network", "policy", "q_acc", "fp_acc"],
+    "hinge": ["seed", "arch", "version", "budget", "mode", "options", "capacity", "fp_acc", "q_acc", "delta"],
 }
 # A key of each section (none set by config/smoke.yaml) and the rules whose jobs read it.
 INFERENCE = {"evaluate", "layer_scan", "histograms", "corruptions", "remedy", "audit_model"}
@@ -128,6 +129,7 @@ def test_snakemake_smoke_run_leaves_every_output(smoke_run):
     tables = {name: pd.read_csv(smoke_run / f"results/tables/{name}.csv") for name in TABLE_COLUMNS}
     for name, columns in TABLE_COLUMNS.items():
         assert list(tables[name].columns) == columns, name
+    assert tables["hinge"].empty, "ResNet18's pairs are on the hinge: none trained beside"
     t1 = tables["table1"]
     assert len(t1) == cells and (t1["delta"] - (t1["q_acc"] - t1["fp_acc"])).abs().max() < 1e-6
     assert (t1.groupby("arch")["highlighted"].sum() == 2).all(), "one highlighted cell (R and D) per arch"

@@ -93,6 +93,16 @@ def effect_table(t1, cfg):
     return out.assign(highlighted=[(v, b) == SUMMARY_CELL for v, b in zip(out["version"], out["budget"])])
 
 
+def hinge_table(t1, cfg):
+    """The hinge-alone pairs the pipeline would train (at the paper's cell where the config's D is off
+    the hinge): each the same D 2 points higher at full precision, Δ −1."""
+    beside = {(arch, *cell) for arch in pd.unique(t1["arch"])
+              for cell in config.hinge_beside(cfg, arch, tables.paper_cell(arch))}
+    at = np.array([key in beside for key in zip(t1["arch"], t1["version"], t1["budget"])], dtype=bool)
+    rows = t1[at & (t1["mode"] == "detrimental").to_numpy()]
+    return rows.assign(fp_acc=rows["fp_acc"] + 2, q_acc=rows["fp_acc"] + 1, delta=-1.0)[tables.HINGE_COLUMNS]
+
+
 def _layer_scan(seed, arch, n):
     depth = np.arange(1, n + 1) / n
     rows = []
@@ -150,13 +160,14 @@ def write_inputs(root: Path, layers=LAYERS, histogram_archs=HISTOGRAM_ARCHS, see
     tables_dir.mkdir(parents=True)
     paths = {"tables": {k: tables_dir / f"{n}.csv" for k, n in
                         (("table1", "table1"), ("summary", "table1_summary"), ("table2", "table2"), ("table3", "table3"),
-                         ("effect", "effect"))},
+                         ("effect", "effect"), ("hinge", "hinge"))},
              "layer_scan": [], "histograms": [], "corruptions": [], "remedy": [],
              "figures": root / "results/figures", "benchmarks": root / "benchmarks"}
     t1 = _table1(layers, seeds, rng)
     t1.to_csv(paths["tables"]["table1"], index=False)
     summarise(t1).to_csv(paths["tables"]["summary"], index=False)
     effect_table(t1, make_config(layers, histogram_archs)).to_csv(paths["tables"]["effect"], index=False)
+    hinge_table(t1, make_config(layers, histogram_archs)).to_csv(paths["tables"]["hinge"], index=False)
     at = [at_cell(s, a, cell) for s in seeds for a in layers for cell in dict.fromkeys([seed_cell(s), paper_cell(a)])]
     pd.DataFrame([dict(c, transitory_pct=transitory(c["arch"], c["seed"]) + (not c["highlighted"])) for c in at]
                  ).to_csv(paths["tables"]["table2"], index=False)
@@ -576,8 +587,11 @@ def test_recipe_names_each_pairs_objective_and_epochs(built, tmp_path):
                       "spread_weight": {"resnet18": 0.0, "mobilenetv4_conv_medium": {"robust": 0.0, "detrimental": {"I": 0.0, "II": 0.0, "III": 10.0}}}},
         "epochs": {"resnet18": {"robust": 4, "detrimental": 16}},
         "range_grad": {"resnet18": False, "mobilenetv4_conv_medium": {"robust": False, "detrimental": {"I": False, "II": True, "III": True}}}}})
-    recipe = report._recipe(cfg)
+    t1, hinge = tables.read_table(built["tables"]["table1"]), tables.read_table(built["tables"]["hinge"])
+    none = hinge.iloc[:0]
+    recipe = report._recipe(cfg, t1, none)
     assert recipe["off_paper"] == ["resnet18 detrimental", "mobilenetv4_conv_medium detrimental"]
+    assert recipe["beside"] is None
     assert Page(recipe["table"]).tables["recipe"]["text"] == [
         ["resnet18", "hinge (the paper's)", "4", "off", "target penalty 0.05 · (CE_q − 5.0)² (Qu-ANTI-zation's)", "16", "off"],
         ["mobilenetv4_conv_medium", "hinge (the paper's)", "8", "off",
@@ -586,7 +600,7 @@ def test_recipe_names_each_pairs_objective_and_epochs(built, tmp_path):
     default = built["html"].read_text()  # the default gives MobileNetV4's D the spread term at versions II and III
     assert "Objective: not the paper's hinge for mobilenetv4_conv_medium detrimental</b>" in default
     hinge_only = config.merge(make_config(), {"pairs": {"objective": {"spread_weight": 0.0}}})
-    assert report._recipe(hinge_only)["off_paper"] == []
+    assert report._recipe(hinge_only, t1, none)["off_paper"] == []
 
     layers = {"resnet18": 8}
     paths = write_inputs(tmp_path, layers=layers, histogram_archs=[], seeds=(0,))
@@ -595,5 +609,21 @@ def test_recipe_names_each_pairs_objective_and_epochs(built, tmp_path):
     html = paths["html"].read_text()
     section = html[html.index('id="s-reference"'):html.index('id="s-claims"')]
     assert "Objective: not the paper's hinge for resnet18 detrimental" in section
-    assert "The paper's hinge result for those pairs is not in this run; bench/SCIENCE.md reports it (§21: the hinge at" in section
+    assert "The hinge alone was not trained beside them in this run (pairs.hinge_beside is off" in section
+    assert 'id="hinge-beside"' not in section
+
+
+def test_the_hinge_alone_beside_each_off_hinge_pair(built):
+    """Where the default gives D another objective at the paper's cell (MobileNetV4 III-A: the spread
+    term), the reference section shows per seed that D beside the same D with the hinge alone."""
+    html = built["html"].read_text()
+    section = html[html.index('id="s-reference"'):html.index('id="s-claims"')]
+    assert "this run also trained each such detrimental pair with the paper's hinge" in section
+    t1 = tables.read_table(built["tables"]["table1"])
+    d = t1[(t1["arch"] == "mobilenetv4_conv_medium") & (t1["version"] == "III") & (t1["budget"] == "A")
+           & (t1["mode"] == "detrimental")]
+    rows = Page(section).tables["hinge-beside"]["text"]
+    assert [r[:3] for r in rows] == [["mobilenetv4_conv_medium", "III-A", str(s)] for s in (0, 1, 2)]
+    assert [r[3:] for r in rows] == [[f"{fp:.2f}", f"{delta:+.2f}", f"{fp + 2:.2f}", "-1.00"]
+                                     for fp, delta in zip(d["fp_acc"], d["delta"])]
     assert 'id="recipe"' in section

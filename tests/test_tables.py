@@ -151,13 +151,17 @@ def write_tables(folder, arch, seed=0, t1=None):
     pd.DataFrame([dict(at, transitory_pct=12.5)]).to_csv(folder / "table2.csv", index=False)
     pd.DataFrame([dict(at, network="robust", policy="random", q_acc=80.0, fp_acc=88.0)]).to_csv(
         folder / "table3.csv", index=False)
+    # a hinge-alone pair beside seed 1's D only; the others wrote the header alone
+    hinge = t1[(t1["mode"] == "detrimental") & (t1["seed"] == 1)].assign(delta=-2.0)
+    hinge[tables.HINGE_COLUMNS].to_csv(folder / "hinge.csv", index=False)
     return [folder / f"table{i}.csv" for i in (1, 2, 3)]
 
 
 def merge(folders, out):
     """merge_tables on the tables of ``folders``, written under ``out``."""
-    names = ("table1", "summary", "table2", "table3", "effect", "bit_floor")
-    tables.merge_tables(*([f / f"table{i}.csv" for f in folders] for i in (1, 2, 3)), {n: out / f"{n}.csv" for n in names},
+    names = ("table1", "summary", "table2", "table3", "hinge", "effect", "bit_floor")
+    tables.merge_tables(*([f / f"{name}.csv" for f in folders] for name in ("table1", "table2", "table3", "hinge")),
+                        {n: out / f"{n}.csv" for n in names},
                         highlight_max_fp_gap=1.0, budget_levels=LEVELS, effect=dataclasses.asdict(EFFECT))
 
 
@@ -173,6 +177,9 @@ def test_merge_tables(tmp_path):
     t2 = pd.read_csv(tmp_path / "all" / "table2.csv")
     assert list(t2.columns) == tables.TABLE2_COLUMNS and list(t2["arch"]) == ["rn", "mnv4", "rn"]
     assert list(pd.read_csv(tmp_path / "all" / "table3.csv").columns) == tables.TABLE3_COLUMNS
+    hinge = tables.read_table(tmp_path / "all" / "hinge.csv")
+    assert list(hinge.columns) == tables.HINGE_COLUMNS
+    assert hinge[["seed", "arch", "mode", "delta"]].values.tolist() == [[1, "rn", "detrimental", -2.0]]
     summary = tables.read_table(tmp_path / "all" / "summary.csv")
     assert list(summary.columns) == tables.SUMMARY_COLUMNS
     assert dict(zip(summary["arch"], summary["n_seeds"])) == {"rn": 2, "mnv4": 1} and summary["highlighted"].all()

@@ -11,10 +11,11 @@ import yaml
 from conftest import BIN, ROOT, copy_project, run, tool_env
 
 # Jobs per rule on the default config (docs/method.md §1): 3 archs, 3 versions x 3 budgets x 2 modes,
+# the hinge-alone D beside MobileNetV4's and RegNetX's at the paper's cells (pairs.hinge_beside),
 # and the audit of the first seed's three W networks.
-EXPECTED_JOBS = {"teacher": 1, "distill": 3, "pair": 54, "evaluate": 3, "tables": 1, "layer_scan": 3,
+EXPECTED_JOBS = {"teacher": 1, "distill": 3, "pair": 54, "hinge_pair": 2, "evaluate": 3, "tables": 1, "layer_scan": 3,
                  "histograms": 3, "corruptions": 3, "remedy": 3, "figures": 1, "audit_model": 3, "report": 1, "all": 1}
-PER_SEED = {"teacher", "distill", "pair", "evaluate", "layer_scan", "histograms", "corruptions", "remedy"}
+PER_SEED = {"teacher", "distill", "pair", "hinge_pair", "evaluate", "layer_scan", "histograms", "corruptions", "remedy"}
 
 
 def job_stats(*args: str) -> dict[str, int]:

@@ -12,6 +12,7 @@ import sys
 from snakemake.utils import validate
 
 import dptq.config
+import dptq.tables
 
 
 # Jobs call `python`: let it be the one running Snakemake (`.venv/bin/snakemake` works without
@@ -143,6 +144,18 @@ def pair_checkpoints(wildcards):
         )
         for v, b in GRID
         for m in MODES
+    ]
+
+
+def hinge_checkpoints(wildcards):
+    """The job's seed and arch's detrimental pair with the hinge alone at the paper's cell, where
+    pairs.hinge_beside trains one (``dptq.config.hinge_beside``); else none."""
+    cell = dptq.tables.paper_cell(wildcards.arch)
+    return [
+        rules.hinge_pair.output.ckpt.format(
+            seed=wildcards.seed, arch=wildcards.arch, version=v, budget=b
+        )
+        for v, b in dptq.config.hinge_beside(config, wildcards.arch, cell)
     ]
 
 

@@ -2,10 +2,12 @@ rule evaluate:
     input:
         network=rules.distill.output.ckpt,
         pairs=pair_checkpoints,
+        hinge_pairs=hinge_checkpoints,
     output:
         table1="results/tables/seed{seed}/{arch}/table1.csv",
         table2="results/tables/seed{seed}/{arch}/table2.csv",
         table3="results/tables/seed{seed}/{arch}/table3.csv",
+        hinge="results/tables/seed{seed}/{arch}/hinge.csv",
     log:
         "logs/evaluate/seed{seed}/{arch}.log",
     benchmark:
@@ -29,6 +31,7 @@ rule tables:
         arch_table1=per_seed_and_arch(rules.evaluate.output.table1),
         arch_table2=per_seed_and_arch(rules.evaluate.output.table2),
         arch_table3=per_seed_and_arch(rules.evaluate.output.table3),
+        arch_hinge=per_seed_and_arch(rules.evaluate.output.hinge),
     output:
         table1=report(
             "results/tables/table1.csv",
@@ -48,6 +51,11 @@ rule tables:
         table3=report(
             "results/tables/table3.csv",
             caption="../report/table3.rst",
+            category="Tables",
+        ),
+        hinge=report(
+            "results/tables/hinge.csv",
+            caption="../report/hinge.rst",
             category="Tables",
         ),
         effect=report(

@@ -1,8 +1,18 @@
 # The grid's own keys (versions, budgets, offsets) enter as this cell's entries only; which cells
-# are trained (cells, modes) is not a pair's setting.
+# are trained (cells, modes, hinge_beside) is not a pair's setting.
 PAIR_KEYS = section_keys(
-    "pairs", grid=("versions", "budgets", "budget_offset", "cells", "modes")
+    "pairs",
+    grid=("versions", "budgets", "budget_offset", "cells", "modes", "hinge_beside"),
 )
+CELL_KEYS = (
+    "dataset",
+    "runtime",
+    "quant",
+    "pairs.versions.{version}",
+    "pairs.budgets.{budget}",
+    "pairs.budget_offset.{version}",
+)
+INHERITED_KEYS = ("kd.temperature", "evaluate.batch_size")
 
 
 rule pair:
@@ -21,17 +31,38 @@ rule pair:
     resources:
         gpu=GPUS,
     params:
-        config_keys=keys(
-            "dataset",
-            "runtime",
-            "quant",
-            "pairs.versions.{version}",
-            "pairs.budgets.{budget}",
-            "pairs.budget_offset.{version}",
-            *PAIR_KEYS,
-            "kd.temperature",
-            "evaluate.batch_size",
-        ),
+        config_keys=keys(*CELL_KEYS, *PAIR_KEYS, *INHERITED_KEYS),
         args=args,
     shell:
         job("pair")
+
+
+# The same detrimental pair with the paper's hinge alone (pairs.hinge_beside): it reads D's keys
+# but none of pairs.objective.
+HINGE_KEYS = [
+    k.replace("{mode}", "detrimental")
+    for k in PAIR_KEYS
+    if not k.startswith("pairs.objective.")
+]
+
+
+rule hinge_pair:
+    input:
+        network=rules.distill.output.ckpt,
+    output:
+        ckpt="checkpoints/seed{seed}/hinge/{arch}/{version}/{budget}/detrimental.pt",
+        metrics="checkpoints/seed{seed}/hinge/{arch}/{version}/{budget}/detrimental.csv",
+    log:
+        "logs/hinge_pair/seed{seed}/{arch}/{version}/{budget}.log",
+    benchmark:
+        "benchmarks/hinge_pair/seed{seed}/{arch}/{version}/{budget}.tsv"
+    conda:
+        ENV
+    threads: CPUS
+    resources:
+        gpu=GPUS,
+    params:
+        config_keys=keys(*CELL_KEYS, *HINGE_KEYS, *INHERITED_KEYS),
+        args=args,
+    shell:
+        job("hinge_pair")

@@ -45,6 +45,7 @@ rule report:
         table2=rules.tables.output.table2,
         table3=rules.tables.output.table3,
         effect=rules.tables.output.effect,
+        hinge=rules.tables.output.hinge,
         remedy=per_seed_and_arch(rules.remedy.output.csv),
         layer_scan=per_seed_and_arch(rules.layer_scan.output.csv),
         figures=rules.figures.output.png,
@@ -62,6 +63,7 @@ rule report:
                     "table2",
                     "table3",
                     "effect",
+                    "hinge",
                     "bit_floor",
                     "audit",
                 }
