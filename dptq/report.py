@@ -351,12 +351,16 @@ def _objective(pairs: Mapping) -> str:
 
 
 def _hinge_beside(t1: pd.DataFrame, hinge: pd.DataFrame) -> str | None:
-    """Per seed, the detrimental pair with this run's objective beside the same pair with the hinge
-    alone (``pairs.hinge_beside``): FP and Δ of each; None when no hinge-alone pair was trained."""
+    """Per arch (Table 1's order) and seed, the detrimental pair with this run's objective beside the
+    same pair with the hinge alone (``pairs.hinge_beside``): FP and Δ of each; None when no
+    hinge-alone pair was trained."""
     if hinge.empty:
         return None
     cell = ["seed", "arch", "version", "budget"]
     recipe = t1[t1["mode"] == "detrimental"].set_index(cell)
+    archs = {arch: i for i, arch in enumerate(pd.unique(t1["arch"]))}
+    hinge = hinge.sort_values(["arch", "seed"], kind="stable",
+                              key=lambda col: col.map(archs) if col.name == "arch" else col)
     rows = [{"arch": h.arch, "cell": cell_name(h.version, h.budget), "seed": h.seed,
              "D FP, this objective": recipe.at[(h.seed, h.arch, h.version, h.budget), "fp_acc"],
              "D Δ, this objective": recipe.at[(h.seed, h.arch, h.version, h.budget), "delta"],
