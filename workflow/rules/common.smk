@@ -131,8 +131,11 @@ def job(script):
 def args(wildcards, input, output):
     """A ``params`` entry: the job's cell (its wildcards), files and config files as options."""
     named = [*wildcards.items(), *input.items(), *output.items(), ("config", CONFIGS)]
+    # an empty list (an arch without hinge-alone pairs) is left out: the option defaults to none
     return " ".join(
-        f"--{name} {v if isinstance(v, str) else ' '.join(v)}" for name, v in named
+        f"--{name} {v if isinstance(v, str) else ' '.join(v)}"
+        for name, v in named
+        if isinstance(v, str) or len(v)
     )
 
 
