@@ -53,6 +53,15 @@ def test_committed_dvc_yaml_is_generated_from_the_rules():
         "dvc.yaml is stale: regenerate it with `python -m dptq.dvc`"
 
 
+def test_an_empty_list_input_is_left_off_the_jobs_command():
+    """ResNet18 has no hinge-alone pair on the default: its evaluate command has no --hinge_pairs (an
+    option with no value made DVC read the stage as changed); RegNetX's names its pair."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert "--hinge_pairs" not in stages["evaluate-seed0-resnet18"]["cmd"]
+    assert ("--hinge_pairs checkpoints/seed0/hinge/regnetx_016/III/B/detrimental.pt --table1"
+            in stages["evaluate-seed0-regnetx_016"]["cmd"])
+
+
 def test_dvc_stage_runs_the_rules_command_and_lists_its_keys():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     pair = stages["pair-seed0-mobilenetv4_conv_medium-II-B-detrimental"]
