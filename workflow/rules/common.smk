@@ -123,9 +123,13 @@ def keys(*paths):
     return declared
 
 
-def job(script):
-    """The ``shell:`` line of a job: its thin script, cell and files, config files and keys, log."""
-    return f"python workflow/scripts/{script}.py {{params.args}} --keys {{params.config_keys}} --log {{log}}"
+def job(script, *options):
+    """The ``shell:`` line of a job: its thin script, cell and files, ``options`` beyond them, config
+    files and keys, log."""
+    return " ".join(
+        (f"python workflow/scripts/{script}.py {{params.args}}", *options)
+        + ("--keys {params.config_keys} --log {log}",)
+    )
 
 
 def args(wildcards, input, output):

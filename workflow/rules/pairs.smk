@@ -37,8 +37,8 @@ rule pair:
         job("pair")
 
 
-# The same detrimental pair with the paper's hinge alone (pairs.hinge_beside): it reads D's keys
-# but none of pairs.objective.
+# The same detrimental pair with the paper's hinge alone (pairs.hinge_beside), by the pair job: it
+# reads D's keys but none of pairs.objective.
 HINGE_KEYS = [
     k.replace("{mode}", "detrimental")
     for k in PAIR_KEYS
@@ -65,4 +65,4 @@ rule hinge_pair:
         config_keys=keys(*CELL_KEYS, *HINGE_KEYS, *INHERITED_KEYS),
         args=args,
     shell:
-        job("hinge_pair")
+        job("pair", "--mode detrimental", "--hinge_alone")

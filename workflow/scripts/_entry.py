@@ -26,8 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from dptq import config as dptq_config  # noqa: E402
 
 
-def job(description: str | None, cell: list[str] = (), files: list[str] = (), lists: list[str] = ()):
-    """``(args, settings)`` of this job: ``cell`` and ``files`` are one value each, ``lists`` any number."""
+def job(description: str | None, cell: list[str] = (), files: list[str] = (), lists: list[str] = (),
+        flags: list[str] = ()):
+    """``(args, settings)`` of this job: ``cell`` and ``files`` are one value each, ``lists`` any number,
+    ``flags`` on when given."""
     parser = argparse.ArgumentParser(description=description)
     for name in cell:
         parser.add_argument(f"--{name}", required=True, type=int if name == "seed" else str)
@@ -35,6 +37,8 @@ def job(description: str | None, cell: list[str] = (), files: list[str] = (), li
         parser.add_argument(f"--{name}", required=True)
     for name in lists:
         parser.add_argument(f"--{name}", nargs="*", default=[])
+    for name in flags:
+        parser.add_argument(f"--{name}", action="store_true")
     parser.add_argument("--config", nargs="+", required=True, metavar="YAML", help="config files, in overlay order")
     parser.add_argument("--keys", nargs="*", default=[], metavar="KEY", help="the config keys this job reads")
     parser.add_argument("--log", required=True, help="the job's log file")
