@@ -79,7 +79,7 @@ def test_dvc_stage_runs_the_rules_command_and_lists_its_keys():
     from dptq import dvc
     default = yaml.safe_load((ROOT / "config.yaml").read_text())
     assert pair["params"] == [{"config.yaml": [dvc.param_key(default, key) for key in keys]}]
-    assert {"pairs.epochs.mobilenetv4_conv_medium", "pairs.objective.loss"} <= set(pair["params"][0]["config.yaml"])
+    assert {"pairs.range_grad.mobilenetv4_conv_medium", "pairs.objective.loss"} <= set(pair["params"][0]["config.yaml"])
     assert pair["outs"] == ["checkpoints/seed0/pair/mobilenetv4_conv_medium/II/B/detrimental.pt",
                             "checkpoints/seed0/pair/mobilenetv4_conv_medium/II/B/detrimental.csv"]
     assert stages["report"]["metrics"] == ["results/metrics.json"]
