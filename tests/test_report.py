@@ -596,7 +596,7 @@ def test_recipe_names_each_pairs_objective_and_epochs(built, tmp_path):
         ["resnet18", "hinge (the paper's)", "4", "off", "target penalty 0.05 · (CE_q − 5.0)² (Qu-ANTI-zation's)", "16", "off"],
         ["mobilenetv4_conv_medium", "hinge (the paper's)", "8", "off",
          "I: hinge (the paper's); II: hinge (the paper's); III: hinge (the paper's) + spread term 10.0 · max(0, ln 55.0 − σ) "
-         "(not the paper's)", "8", "I: off; II: on; III: on"]]
+         "(not the paper's)", "I: 8; II: 8; III: 12", "I: off; II: on; III: on"]]
     default = built["html"].read_text()  # the default gives MobileNetV4's D the spread term at versions II and III
     assert "Objective: not the paper's hinge for mobilenetv4_conv_medium detrimental</b>" in default
     hinge_only = config.merge(make_config(), {"pairs": {"objective": {"spread_weight": 0.0}}})
