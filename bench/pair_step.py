@@ -13,7 +13,8 @@ Per arch, at one batch size (on CUDA under bf16 autocast, as the training runs):
   quantized forwards, one backward); ``pair eval``: the same without gradients (validation);
 - ``unfolded``: the pair step with every convolution as timm builds it (the training's
   ``Runtime.to_device`` computes one-pixel convolutions on their window and, on the CPU, those and
-  the 1x1 ones as matrix products; at 224 px only the 1x1 ones fold);
+  the 1x1 ones as matrix products and the depthwise ones on maps no larger than their kernel with
+  their weight gradient as sums; at 224 px only the 1x1 ones fold);
 - ``teacher fwd``: the teacher's forward (``--teacher``); ``distill``: teacher forward + the student's
   step on the KD loss; its efficiency is (plain + teacher fwd) / distill;
 - ``infer fp`` and ``infer q``: evaluation forwards (the quantized one with its allocation).
@@ -139,7 +140,8 @@ def step_times(arch: str, size: int, batch: int, device: torch.device, repeats: 
 
     steps = [("plain", plain), ("quant", quantized), ("alloc", allocation), ("pair", pair), ("pair eval", pair_eval),
              ("teacher fwd", teacher_forward), ("distill", distill), ("infer fp", infer_fp), ("infer q", infer_q)]
-    if any(isinstance(m, (runtime.OnePixelConv2d, runtime.PointwiseConv2d)) for m in student.modules()):
+    rewrites = (runtime.OnePixelConv2d, runtime.PointwiseConv2d, runtime.SmallMapDepthwiseConv2d)
+    if any(isinstance(m, rewrites) for m in student.modules()):
         steps.append(("unfolded", pair_unfolded))
     times = {name: median_ms(fn, device, repeats) for name, fn in steps if only is None or name in only}
     if only is None:
