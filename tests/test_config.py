@@ -60,13 +60,13 @@ def test_per_mode_settings_resolve_for_the_arch_and_mode():
 def test_objective_resolves_per_arch_and_mode_and_the_default_is_the_hinge():
     cfg = config.load([ROOT / "config.yaml"])
     hinge = {"loss": "hinge", "target": 5.0, "weight": 1.0, "spread_weight": 0.0, "spread_target": 55.0}
-    assert config.section_for(cfg, "pairs", "resnet18", "detrimental")["objective"] == hinge
+    assert config.section_for(cfg, "pairs", "resnet18", "detrimental", "I")["objective"] == hinge
     overlay = {"pairs": {"objective": {"loss": {"resnet18": {"robust": "hinge", "detrimental": "target"}, "regnetx_016": "hinge",
                                                 "mobilenetv4_conv_medium": "hinge"},
                                        "weight": {"resnet18": {"robust": 1.0, "detrimental": 0.25}, "regnetx_016": 1.0,
                                                   "mobilenetv4_conv_medium": 1.0}}}}
     cfg = config.check(config.merge(cfg, overlay))
-    assert config.section_for(cfg, "pairs", "resnet18", "detrimental")["objective"] == dict(hinge, loss="target", weight=0.25)
+    assert config.section_for(cfg, "pairs", "resnet18", "detrimental", "I")["objective"] == dict(hinge, loss="target", weight=0.25)
     assert config.section_for(cfg, "pairs", "resnet18", "robust")["objective"] == hinge
     assert cfg["pairs"]["objective"]["loss"]["resnet18"] == {"robust": "hinge", "detrimental": "target"}  # not resolved in place
     # a job declares its own arch's and mode's entries
@@ -105,9 +105,10 @@ def test_pair_settings_may_differ_per_version_under_an_arch_and_mode():
     assert resolved("regnetx_016", "robust", "I") == {"epochs": 4, "range_grad": True, "beta": 1.0}
     # a job that names no version sees the version map as it is
     assert config.section_for(cfg, "pairs", "resnet18", "detrimental")["epochs"] == {"I": 4, "II": 8, "III": 8}
-    with pytest.raises(config.ConfigError, match=r"pairs\.alpha\.resnet18\.detrimental: the map has no value "
+    with pytest.raises(config.ConfigError, match=r"pairs\.beta\.resnet18\.detrimental: the map has no value "
                                                  r"for version\(s\) \['III'\] of the grid's cells"):
-        config.load([ROOT / "config.yaml"], {"pairs": {"alpha": {"resnet18": {"robust": 1.0, "detrimental": {"I": 1.0, "II": 2.0}}}}})
+        config.load([ROOT / "config.yaml"], {"pairs": {"beta": {"resnet18": {"robust": 1.0, "detrimental": {"I": 1.0, "II": 2.0}},
+                                                                "mobilenetv4_conv_medium": 1.0, "regnetx_016": 1.0}}})
     # versions the grid does not train need no value (a profile with its own versions and cells)
     config.load([ROOT / "config.yaml"], {"pairs": {"cells": ["I-A"], "range_grad": {"resnet18": {"robust": {"I": True}, "detrimental": False},
                                                                                "mobilenetv4_conv_medium": False, "regnetx_016": False}}})
@@ -134,16 +135,19 @@ def test_objective_refuses_the_spread_term_for_a_robust_pair():
 
 
 def test_hinge_beside_the_off_hinge_detrimental_pair_at_the_papers_cell():
-    """The default trains a hinge-alone D at MobileNetV4's III-A and RegNetX's III-B (their D there has the
-    spread term), none at ResNet18's II-B (on the hinge), none when off or when the cell is not trained."""
+    """The default trains a hinge-alone D at each arch's paper cell (ResNet18 II-B, MobileNetV4 III-A,
+    RegNetX III-B: their D there has the spread term), none where D is on the hinge, none when off or
+    when the cell is not trained."""
     cfg = config.load([ROOT / "config.yaml"])
     beside = {arch: config.hinge_beside(cfg, arch, cell) for arch, cell in
               (("resnet18", "II-B"), ("mobilenetv4_conv_medium", "III-A"), ("regnetx_016", "III-B"))}
-    assert beside == {"resnet18": [], "mobilenetv4_conv_medium": [("III", "A")], "regnetx_016": [("III", "B")]}
+    assert beside == {"resnet18": [("II", "B")], "mobilenetv4_conv_medium": [("III", "A")], "regnetx_016": [("III", "B")]}
+    on_hinge = config.merge(cfg, {"pairs": {"objective": {"spread_weight": {"resnet18": 0.0}}}})
+    assert config.hinge_beside(on_hinge, "resnet18", "II-B") == []
     assert config.hinge_beside(cfg, "mobilenetv4_conv_medium", None) == []
     assert config.hinge_beside(config.merge(cfg, {"pairs": {"hinge_beside": False}}), "regnetx_016", "III-B") == []
     assert config.hinge_beside(config.merge(cfg, {"pairs": {"cells": ["I-A"]}}), "regnetx_016", "III-B") == []
-    target = config.merge(cfg, {"pairs": {"objective": {"loss": {"resnet18": {"robust": "hinge", "detrimental": "target"}}}}})
+    target = config.merge(on_hinge, {"pairs": {"objective": {"loss": {"resnet18": {"robust": "hinge", "detrimental": "target"}}}}})
     assert config.hinge_beside(target, "resnet18", "II-B") == [("II", "B")]
     section = config.section_for(cfg, "pairs", "regnetx_016", "detrimental", "III")
     alone = config.hinge_alone(section)

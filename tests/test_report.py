@@ -597,13 +597,14 @@ def test_recipe_names_each_pairs_objective_and_epochs(built, tmp_path):
         ["mobilenetv4_conv_medium", "hinge (the paper's)", "8", "off",
          "I: hinge (the paper's); II: hinge (the paper's); III: hinge (the paper's) + spread term 10.0 · max(0, ln 55.0 − σ) "
          "(not the paper's)", "I: 8; II: 8; III: 12", "I: off; II: on; III: on"]]
-    default = built["html"].read_text()  # the default gives MobileNetV4's D the spread term at versions II and III
-    assert "Objective: not the paper's hinge for mobilenetv4_conv_medium detrimental</b>" in default
+    default = built["html"].read_text()  # the default gives ResNet18's and MobileNetV4's D the spread term at versions II and III
+    assert "Objective: not the paper's hinge for resnet18 detrimental, mobilenetv4_conv_medium detrimental</b>" in default
     hinge_only = config.merge(make_config(), {"pairs": {"objective": {"spread_weight": 0.0}}})
     assert report._recipe(hinge_only, t1, none)["off_paper"] == []
 
     layers = {"resnet18": 8}
     paths = write_inputs(tmp_path, layers=layers, histogram_archs=[], seeds=(0,))
+    none.to_csv(paths["tables"]["hinge"], index=False)  # no hinge-alone pair in this run
     draw(paths)
     build(paths, config.merge(make_config(layers, []), {"pairs": {"objective": cfg["pairs"]["objective"]}}), tmp_path)
     html = paths["html"].read_text()
@@ -614,16 +615,18 @@ def test_recipe_names_each_pairs_objective_and_epochs(built, tmp_path):
 
 
 def test_the_hinge_alone_beside_each_off_hinge_pair(built):
-    """Where the default gives D another objective at the paper's cell (MobileNetV4 III-A: the spread
-    term), the reference section shows per seed that D beside the same D with the hinge alone."""
+    """Where the default gives D another objective at the paper's cell (ResNet18 II-B, MobileNetV4
+    III-A: the spread term), the reference section shows per seed that D beside the same D with the
+    hinge alone."""
     html = built["html"].read_text()
     section = html[html.index('id="s-reference"'):html.index('id="s-claims"')]
     assert "this run also trained each such detrimental pair with the paper's hinge" in section
     t1 = tables.read_table(built["tables"]["table1"])
-    d = t1[(t1["arch"] == "mobilenetv4_conv_medium") & (t1["version"] == "III") & (t1["budget"] == "A")
-           & (t1["mode"] == "detrimental")]
     rows = Page(section).tables["hinge-beside"]["text"]
-    assert [r[:3] for r in rows] == [["mobilenetv4_conv_medium", "III-A", str(s)] for s in (0, 1, 2)]
+    cells = [("resnet18", "II", "B"), ("mobilenetv4_conv_medium", "III", "A")]
+    assert [r[:3] for r in rows] == [[arch, f"{v}-{b}", str(s)] for arch, v, b in cells for s in (0, 1, 2)]
+    d = pd.concat([t1[(t1["arch"] == arch) & (t1["version"] == v) & (t1["budget"] == b) & (t1["mode"] == "detrimental")]
+                   for arch, v, b in cells])
     assert [r[3:] for r in rows] == [[f"{fp:.2f}", f"{delta:+.2f}", f"{fp + 2:.2f}", "-1.00"]
                                      for fp, delta in zip(d["fp_acc"], d["delta"])]
     assert 'id="recipe"' in section

@@ -11,9 +11,9 @@ import yaml
 from conftest import BIN, ROOT, copy_project, run, tool_env
 
 # Jobs per rule on the default config (docs/method.md §1): 3 archs, 3 versions x 3 budgets x 2 modes,
-# the hinge-alone D beside MobileNetV4's and RegNetX's at the paper's cells (pairs.hinge_beside),
+# the hinge-alone D beside each arch's at its paper cell (pairs.hinge_beside),
 # and the audit of the first seed's three W networks.
-EXPECTED_JOBS = {"teacher": 1, "distill": 3, "pair": 54, "hinge_pair": 2, "evaluate": 3, "tables": 1, "layer_scan": 3,
+EXPECTED_JOBS = {"teacher": 1, "distill": 3, "pair": 54, "hinge_pair": 3, "evaluate": 3, "tables": 1, "layer_scan": 3,
                  "histograms": 3, "corruptions": 3, "remedy": 3, "figures": 1, "audit_model": 3, "report": 1, "all": 1}
 PER_SEED = {"teacher", "distill", "pair", "hinge_pair", "evaluate", "layer_scan", "histograms", "corruptions", "remedy"}
 
@@ -54,10 +54,13 @@ def test_committed_dvc_yaml_is_generated_from_the_rules():
 
 
 def test_an_empty_list_input_is_left_off_the_jobs_command():
-    """ResNet18 has no hinge-alone pair on the default: its evaluate command has no --hinge_pairs (an
-    option with no value made DVC read the stage as changed); RegNetX's names its pair."""
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    """The bit-floor profile trains no hinge-alone pair: its evaluate commands have no --hinge_pairs (an
+    option with no value made DVC read the stage as changed); the default's name each arch's pair."""
+    from dptq import dvc
+
+    stages = yaml.safe_load(dvc.pipeline(["config.yaml", "config/bit_floor.yaml"], ROOT))["stages"]
     assert "--hinge_pairs" not in stages["evaluate-seed0-resnet18"]["cmd"]
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     assert ("--hinge_pairs checkpoints/seed0/hinge/regnetx_016/III/B/detrimental.pt --table1"
             in stages["evaluate-seed0-regnetx_016"]["cmd"])
 
