@@ -35,13 +35,14 @@ TABLE_COLUMNS = {
 }
 # A key of each section (none set by config/smoke.yaml) and the rules whose jobs read it.
 INFERENCE = {"evaluate", "layer_scan", "histograms", "corruptions", "remedy", "audit_model"}
+PAIRS = {"pair", "hinge_pair"}  # ResNet18's D at II-B is off the hinge: its hinge-alone pair runs beside it
 READERS = {
     "kd.randaugment.num_ops": {"distill"},
     "teacher.label_smoothing": {"teacher"},
-    "dataset.augment.crop_padding": {"teacher", "distill", "pair", *INFERENCE},
-    "runtime.channels_last": {"teacher", "distill", "pair", *INFERENCE},
-    "pairs.margin": {"pair"},
-    "quant.percentile": {"pair", *INFERENCE},
+    "dataset.augment.crop_padding": {"teacher", "distill", *PAIRS, *INFERENCE},
+    "runtime.channels_last": {"teacher", "distill", *PAIRS, *INFERENCE},
+    "pairs.margin": PAIRS,
+    "quant.percentile": {*PAIRS, *INFERENCE},
     "evaluate.random_policy_seed": {"evaluate", "audit_model"},
     "audit.tolerated_drop": {"audit_model"},
     "analysis.remedy.flag_drop": {"remedy"},
@@ -129,7 +130,8 @@ def test_snakemake_smoke_run_leaves_every_output(smoke_run):
     tables = {name: pd.read_csv(smoke_run / f"results/tables/{name}.csv") for name in TABLE_COLUMNS}
     for name, columns in TABLE_COLUMNS.items():
         assert list(tables[name].columns) == columns, name
-    assert tables["hinge"].empty, "ResNet18's pairs are on the hinge: none trained beside"
+    beside = tables["hinge"][["arch", "version", "budget", "mode"]].to_records(index=False).tolist()
+    assert beside == [("resnet18", "II", "B", "detrimental")], "ResNet18's D at its paper cell, off the hinge, has its hinge-alone pair"
     t1 = tables["table1"]
     assert len(t1) == cells and (t1["delta"] - (t1["q_acc"] - t1["fp_acc"])).abs().max() < 1e-6
     assert (t1.groupby("arch")["highlighted"].sum() == 2).all(), "one highlighted cell (R and D) per arch"

@@ -103,7 +103,8 @@ def test_teacher_is_query_only(cfg, network):
 
 def train_pair(cfg, arch, network, out, mode="robust", seed=0):
     train.train_pair(seed, arch, "II", "B", mode, network, out, out.with_suffix(".csv"), quant=cfg["quant"],
-                     pairs=config.section_for(cfg, "pairs", arch), temperature=cfg["kd"]["temperature"], **common(cfg))
+                     pairs=config.section_for(cfg, "pairs", arch, mode, "II"), temperature=cfg["kd"]["temperature"],
+                     **common(cfg))
 
 
 def pair(cfg, network, out, mode="robust", seed=0):
@@ -137,7 +138,7 @@ def test_runtime_pair_is_a_plain_network_whose_fold_was_trained(cfg, network, tm
     the metrics' val_fp_acc, and the like-for-like simulator's at 8 bits their val_q_acc."""
     out = tmp_path / "runtime.pt"
     train.runtime_pair(0, "resnet18", "detrimental", network / "resnet18.pt", out, out.with_suffix(".csv"),
-                       pairs=config.section_for(cfg, "pairs", "resnet18", "detrimental"),
+                       pairs=config.section_for(cfg, "pairs", "resnet18", "detrimental", "I"),  # no spread term
                        temperature=cfg["kd"]["temperature"], **common(cfg))
     ckpt = checkpoint.load(out, kind="runtime-pair", arch="resnet18")
     model = checkpoint.network(ckpt)
