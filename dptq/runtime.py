@@ -92,7 +92,18 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
-class OnePixelConv2d(nn.Conv2d):
+class _RewrittenConv2d(nn.Conv2d):
+    """A rewrite of the convolution ``conv``: its geometry, and its parameters shared, not copied
+    (the state dict is unchanged)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                         conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, device="meta")
+        self.weight, self.bias = conv.weight, conv.bias
+        self.train(conv.training)
+
+
+class OnePixelConv2d(_RewrittenConv2d):
     """A convolution whose window, at its one output position, covers its whole H x W input.
 
     Zero padding contributes nothing, so with padding (p_h, p_w) the output is exactly
@@ -110,12 +121,9 @@ class OnePixelConv2d(nn.Conv2d):
 
     def __init__(self, conv: nn.Conv2d, input_hw: tuple[int, int], as_product: bool = False):
         """The convolution ``conv`` (its parameters shared, not copied) for ``input_hw`` inputs."""
-        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                         conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, device="meta")
-        self.weight, self.bias = conv.weight, conv.bias
+        super().__init__(conv)
         self.depthwise = conv.groups == conv.in_channels == conv.out_channels
         self.input_hw, self.as_product = input_hw, as_product and (conv.groups == 1 or self.depthwise)
-        self.train(conv.training)
 
     def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         (h, w), (ph, pw) = self.input_hw, self.padding
@@ -136,7 +144,7 @@ class OnePixelConv2d(nn.Conv2d):
         return _rows_times(rows, part.permute(0, 2, 3, 1).reshape(part.shape[0], -1), bias)
 
 
-class PointwiseConv2d(nn.Conv2d):
+class PointwiseConv2d(_RewrittenConv2d):
     """A 1x1 convolution (stride 1, no padding, one group) computed as the matrix product it is:
     y[b, :, i, j] = W x[b, :, i, j] + b, with W = w[:, :, 0, 0], one product over the rows
     (B·H·W, C) that channels_last memory already holds. Why: oneDNN's CPU backward of a 1x1
@@ -144,12 +152,6 @@ class PointwiseConv2d(nn.Conv2d):
     (MobileNetV4's 1x1 convolutions on 1x1 maps: 37.6 ms against 14.3 ms per step, bench/NOTES.md
     §19). The same sums in another order: equal up to float rounding, not bit for bit.
     """
-
-    def __init__(self, conv: nn.Conv2d):
-        """The convolution ``conv`` (its parameters shared, not copied)."""
-        super().__init__(conv.in_channels, conv.out_channels, 1, bias=conv.bias is not None, device="meta")
-        self.weight, self.bias = conv.weight, conv.bias
-        self.train(conv.training)
 
     def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return _rows_times(x.permute(0, 2, 3, 1), weight.flatten(1), bias)
@@ -160,7 +162,7 @@ def _rows_times(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return F.linear(rows, weight, bias).permute(0, 3, 1, 2)
 
 
-class SmallMapDepthwiseConv2d(nn.Conv2d):
+class SmallMapDepthwiseConv2d(_RewrittenConv2d):
     """A depthwise convolution (one input and one output channel per group) whose H x W input is
     no larger than its kernel (H·W <= k_h·k_w), with its weight gradient taken as the sums it is.
 
@@ -179,11 +181,8 @@ class SmallMapDepthwiseConv2d(nn.Conv2d):
 
     def __init__(self, conv: nn.Conv2d, input_hw: tuple[int, int]):
         """The convolution ``conv`` (its parameters shared, not copied) for ``input_hw`` inputs."""
-        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                         conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, device="meta")
-        self.weight, self.bias = conv.weight, conv.bias
+        super().__init__(conv)
         self.input_hw = input_hw
-        self.train(conv.training)
         # a buffer moves with the module and stays out of its state dict
         self.register_buffer("taps", _taps(input_hw, self.kernel_size, self.stride, self.padding, conv.weight.device),
                              persistent=False)
